@@ -1,0 +1,118 @@
+"""Single flight: concurrent identical cacheable misses make one upstream call.
+
+Threads of one process meet in a dict of in-flight keys; processes (gunicorn workers) meet on a
+byte-range lock in one lock file beside the database, one byte per key. The leader calls the
+upstream and stores the answer; followers wait, bounded in time, then read the store. A leader
+whose answer was not stored simply releases: its followers then go upstream on their own, all at
+once, rather than queueing behind one another.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import threading
+import time
+
+# Byte offsets are spread over this range; a collision only makes one request wait needlessly.
+_OFFSET_SPACE = 2**62
+
+
+class Flight:
+    """One request's place in a flight: ``leader`` calls upstream, others ``wait`` then look up."""
+
+    def __init__(self, coalescer: "Coalescer", key: str, done: threading.Event, *, leader: bool,
+                 watches_other_process: bool = False):
+        self._coalescer = coalescer
+        self.key = key
+        self.leader = leader
+        # The first follower in a process watches the other process's lock for its neighbours.
+        self.watches_other_process = watches_other_process
+        self._done = done
+        self._released = False
+
+    def wait(self) -> bool:
+        """Follower: block until the leader finished (True) or the wait timed out (False)."""
+        return self._coalescer._wait(self)
+
+    def release(self) -> None:
+        """Leader: the answer is stored (or will never be); let the followers look. Idempotent."""
+        if self.leader and not self._released:
+            self._released = True
+            self._coalescer._release(self)
+
+
+class Coalescer:
+    def __init__(self, lock_path: str, timeout_seconds: float, poll_seconds: float = 0.005):
+        self.lock_path = lock_path
+        self.timeout_seconds = timeout_seconds
+        self.poll_seconds = poll_seconds
+        self._mutex = threading.Lock()
+        self._in_flight: dict[str, threading.Event] = {}
+        self._fd: int | None = None
+        self._fd_pid: int | None = None
+
+    def _lock_fd(self) -> int:
+        pid = os.getpid()
+        if self._fd_pid != pid:
+            # Never closed while the process lives: closing any descriptor of the file would drop
+            # every POSIX lock this process holds on it.
+            self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._fd_pid = pid
+            self._in_flight = {}
+        return self._fd  # type: ignore[return-value]
+
+    @staticmethod
+    def _offset(key: str) -> int:
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % _OFFSET_SPACE
+
+    def begin(self, key: str) -> Flight:
+        """Join the flight for key: the first caller anywhere leads, the others follow."""
+        with self._mutex:
+            fd = self._lock_fd()
+            event = self._in_flight.get(key)
+            if event is not None:
+                return Flight(self, key, event, leader=False)
+            event = threading.Event()
+            self._in_flight[key] = event
+        if self._try_lock(fd, key):
+            return Flight(self, key, event, leader=True)
+        return Flight(self, key, event, leader=False, watches_other_process=True)
+
+    def _try_lock(self, fd: int, key: str) -> bool:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._offset(key), os.SEEK_SET)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(self, key: str) -> None:
+        fcntl.lockf(self._lock_fd(), fcntl.LOCK_UN, 1, self._offset(key), os.SEEK_SET)
+
+    def _release(self, flight: Flight) -> None:
+        try:
+            self._unlock(flight.key)
+        finally:
+            self._finish(flight.key)
+
+    def _finish(self, key: str) -> None:
+        with self._mutex:
+            event = self._in_flight.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def _wait(self, flight: Flight) -> bool:
+        if not flight.watches_other_process:
+            return flight._done.wait(self.timeout_seconds)
+        deadline = time.monotonic() + self.timeout_seconds
+        # Poll the other process's lock; when it is free the answer is stored or never will be.
+        try:
+            while time.monotonic() < deadline:
+                if self._try_lock(self._lock_fd(), flight.key):
+                    self._unlock(flight.key)
+                    return True
+                time.sleep(self.poll_seconds)
+            return False
+        finally:
+            self._finish(flight.key)

@@ -1,0 +1,178 @@
+"""Settings for Computer-Use Cache, read once from the environment.
+
+Every setting is declared once below with its environment variable, default and a one-line
+description. ``load_settings()`` builds the frozen ``Settings`` object that ``create_app`` takes;
+nothing else in the code base reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+
+
+class SettingsError(ValueError):
+    """A configuration value cannot be used; the message names the variable."""
+
+
+def parse_bool(text: str) -> bool:
+    """Read a boolean the way the original server did: 1/0, true/false, yes/no, on/off."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _parse_non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text.strip())
+        if value < 0:
+            raise ValueError(f"must not be negative, got {text!r}")
+        return value
+
+    return parse
+
+
+def _parse_port(text: str) -> int:
+    value = int(text.strip())
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a port number 0-65535, got {text!r}")
+    return value
+
+
+def _parse_str(text: str) -> str:
+    return text.strip()
+
+
+_PARSERS: dict[type | str, Callable[[str], Any]] = {
+    "bool": parse_bool,
+    "int": _parse_non_negative(int),
+    "float": _parse_non_negative(float),
+    "port": _parse_port,
+    "str": _parse_str,
+    "list": parse_list,
+}
+
+
+def setting(env: str, default: Any, kind: str, help: str) -> Any:
+    """Declare one field: its environment variable, default, parser kind and help text."""
+    return field(default=default, metadata={"env": env, "kind": kind, "help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream_base_url: str = setting(
+        "UPSTREAM_BASE_URL", OPENROUTER_BASE_URL, "str",
+        "OpenAI-compatible base URL misses are forwarded to (falls back to OPENAI_BASE_URL).")
+    upstream_api_key: str = setting(
+        "UPSTREAM_API_KEY", "", "str",
+        "Key sent upstream (falls back to OPENROUTER_API_KEY, then OPENAI_API_KEY); "
+        "empty forwards each client's own bearer token.")
+    upstream_timeout_seconds: float = setting(
+        "UPSTREAM_TIMEOUT_SECONDS", 180.0, "float",
+        "Total deadline for one upstream call, streams included.")
+    host: str = setting("HOST", "0.0.0.0", "str", "Address the server listens on.")
+    port: int = setting("PORT", 8000, "port", "Port the server listens on.")
+    flask_debug: bool = setting(
+        "FLASK_DEBUG", False, "bool", "Flask debug mode for `python server.py` (never in production).")
+    cache_db_path: str = setting(
+        "CACHE_DB_PATH", "./code_model_cache.sqlite3", "str", "SQLite database file of the cache.")
+    cache_enabled: bool = setting(
+        "CACHE_ENABLED", True, "bool",
+        "Cache by default; 0 caches only requests that say \"cache\": true.")
+    cache_ttl_seconds: int = setting(
+        "CACHE_TTL_SECONDS", 2592000, "int",
+        "Age after which an entry is a miss and is replaced; 0 = never expire.")
+    cache_max_input_chars: int = setting(
+        "CACHE_MAX_INPUT_CHARS", 120000, "int",
+        "Requests whose canonical form is longer are answered but not cached.")
+    cache_max_response_chars: int = setting(
+        "CACHE_MAX_RESPONSE_CHARS", 240000, "int", "Responses longer than this are not stored.")
+    cache_model_allowlist: tuple[str, ...] = setting(
+        "CACHE_MODEL_ALLOWLIST", (), "list",
+        "Comma-separated shell-style model patterns; when set, only matching models are cached.")
+    cache_model_denylist: tuple[str, ...] = setting(
+        "CACHE_MODEL_DENYLIST", (), "list",
+        "Comma-separated shell-style model patterns that are never cached.")
+    cache_ignore_keys: tuple[str, ...] = setting(
+        "CACHE_IGNORE_KEYS", (), "list",
+        "Comma-separated top-level body fields left out of the cache key.")
+    include_cache_metadata: bool = setting(
+        "INCLUDE_CACHE_METADATA", False, "bool",
+        "Add a code_model_cache object to JSON responses (never stored).")
+    cache_admin_token: str = setting(
+        "CACHE_ADMIN_TOKEN", "", "str", "When set, admin routes need it (X-Cache-Admin-Token or bearer).")
+    openrouter_http_referer: str = setting(
+        "OPENROUTER_HTTP_REFERER", "", "str", "HTTP-Referer sent upstream (else the client's).")
+    openrouter_x_title: str = setting(
+        "OPENROUTER_X_TITLE", "", "str", "X-Title sent upstream (else the client's).")
+    cors_allow_origin: str = setting(
+        "CORS_ALLOW_ORIGIN", "*", "str", "Access-Control-Allow-Origin on every response.")
+    cache_coalesce: bool = setting(
+        "CACHE_COALESCE", True, "bool",
+        "Concurrent identical cacheable misses make one upstream call; the rest wait for it.")
+    hit_flush_seconds: float = setting(
+        "CACHE_HIT_FLUSH_SECONDS", 1.0, "float",
+        "How often hit counters kept in memory are written to the database.")
+
+
+_FALLBACKS = {
+    "UPSTREAM_BASE_URL": ("OPENAI_BASE_URL",),
+    "UPSTREAM_API_KEY": ("OPENROUTER_API_KEY", "OPENAI_API_KEY"),
+}
+
+
+def _raw_value(environ: Mapping[str, str], name: str) -> str | None:
+    for candidate in (name, *_FALLBACKS.get(name, ())):
+        value = environ.get(candidate)
+        if value is not None and value.strip() != "":
+            return value
+    return None
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from the environment; a bad value raises SettingsError naming the variable."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for spec in dataclasses.fields(Settings):
+        if spec.name in overrides:
+            continue
+        name = spec.metadata["env"]
+        raw = _raw_value(environ, name)
+        if raw is None:
+            continue
+        try:
+            values[spec.name] = _PARSERS[spec.metadata["kind"]](raw)
+        except ValueError as exc:
+            raise SettingsError(f"{name}={raw!r} is not valid: {exc}") from None
+    values.update(overrides)
+    settings = Settings(**values)
+    return dataclasses.replace(
+        settings, upstream_base_url=settings.upstream_base_url.rstrip("/") or OPENROUTER_BASE_URL
+    )
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(variable, default, help) for every setting: the README's configuration table."""
+    rows = []
+    for spec in dataclasses.fields(Settings):
+        default = spec.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        elif isinstance(default, bool):
+            default = int(default)
+        rows.append((spec.metadata["env"], str(default), spec.metadata["help"]))
+    return rows

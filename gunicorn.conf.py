@@ -1,0 +1,35 @@
+"""Production gunicorn settings, read by `make run` and the Docker image.
+
+gthread workers: each worker process runs many threads, so hundreds of slow upstream calls and
+long streams are held at once while cache hits stay cheap. The worker timeout is a heartbeat of
+the worker's main loop, not a limit on one request, so a healthy 3-minute stream is never killed.
+"""
+
+import os
+import sys
+
+from config import SettingsError, load_settings
+
+try:
+    _settings = load_settings()
+except SettingsError as exc:  # one clear line instead of a traceback per worker
+    print(f"computer-use-cache: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+bind = f"{_settings.host}:{_settings.port}"
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("GUNICORN_THREADS", "128"))
+timeout = 60
+graceful_timeout = 30
+keepalive = 75
+backlog = 2048
+accesslog = None
+
+
+def worker_exit(server, worker):
+    """Write the hit counters still held in memory before the worker goes."""
+    app = getattr(worker, "wsgi", None)
+    proxy = getattr(app, "extensions", {}).get("computer_use_cache") if app is not None else None
+    if proxy is not None:
+        proxy.store.close()

@@ -1,0 +1,298 @@
+"""The cache flow for one completion request: decide, look up, coalesce, forward, store, answer.
+
+``CompletionProxy`` turns a Flask request into a Flask response. What may be cached is decided by
+``cache_policy.decide``; how an API's requests and answers look lives in ``wire`` and
+``streaming``; the store and the upstream client are passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from flask import Request, Response
+
+from cache_policy import Decision, decide, strip_proxy_controls, switch_value
+from cache_store import CachedEntry, NewEntry, SQLiteStore, StoreError
+from coalesce import Coalescer
+from config import Settings
+from errors import InvalidRequest, UpstreamFailed
+from streaming import StreamCapture, error_event, replay
+from upstream import UpstreamClient, UpstreamStream, relayable_headers
+from wire import Endpoint, uncacheable_reason, wants_stream, wants_usage
+
+log = logging.getLogger("computer_use_cache.proxy")
+
+HEADER_PREFIXES = ("X-Computer-Use-Cache", "X-Code-Model-Cache")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x7e]")
+
+
+def header_safe(text: str, limit: int = 512) -> str:
+    """Header values carry client text (model names): printable ASCII only, never CR/LF."""
+    return _UNSAFE_HEADER_CHARS.sub("?", text)[:limit]
+
+
+def cache_headers(status: str, key: str | None = None, store: str | None = None,
+                  reason: str | None = None, coalesced: bool = False) -> dict[str, str]:
+    """The decision headers, under the product's prefix and the original's legacy prefix."""
+    headers = {}
+    for prefix in HEADER_PREFIXES:
+        headers[prefix] = status
+        if key:
+            headers[f"{prefix}-Key"] = key
+        if store:
+            headers[f"{prefix}-Store"] = header_safe(store)
+        if reason:
+            headers[f"{prefix}-Bypass-Reason"] = header_safe(reason)
+    if coalesced:
+        headers["X-Computer-Use-Cache-Coalesced"] = "true"
+    return headers
+
+
+def parse_json_body(request: Request) -> dict[str, Any]:
+    data = request.get_data()
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        raise InvalidRequest("Request body must be JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object.")
+    return body
+
+
+@dataclass
+class Outcome:
+    """What became of one request in the cache, for its headers and its metadata object."""
+
+    status: str
+    key: str | None
+    store: str | None = None
+    reason: str | None = None
+    coalesced: bool = False
+
+    def headers(self) -> dict[str, str]:
+        return cache_headers(self.status, self.key, self.store, self.reason, self.coalesced)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"cache_hit": self.status == "HIT", "cache_key": self.key,
+                "store_status": self.store, "bypass_reason": self.reason}
+
+
+class CompletionProxy:
+    def __init__(self, settings: Settings, store: SQLiteStore, upstream: UpstreamClient,
+                 coalescer: Coalescer | None):
+        self.settings = settings
+        self.store = store
+        self.upstream = upstream
+        self.coalescer = coalescer
+
+    # -- entry point ----------------------------------------------------------------------------
+
+    def handle(self, endpoint: Endpoint, request: Request) -> Response:
+        body = parse_json_body(request)
+        endpoint.validate(body)
+        decision = decide(
+            self.settings, endpoint.mode, body,
+            bypass_header=switch_value(request.headers.get("X-Cache-Bypass", "0")),
+        )
+        stream = wants_stream(body)
+        if decision.read:
+            entry = self._lookup(decision.key)
+            if entry is not None:
+                hit = self._answer_hit(endpoint, body, entry, Outcome("HIT", decision.key), stream)
+                if hit is not None:
+                    return hit
+        flight = None
+        if decision.write and self.coalescer is not None:
+            flight = self.coalescer.begin(decision.key)
+            if not flight.leader:
+                flight.wait()
+                flight = None
+                entry = self._lookup(decision.key)
+                if entry is not None:
+                    outcome = Outcome("HIT", decision.key, coalesced=True)
+                    hit = self._answer_hit(endpoint, body, entry, outcome, stream)
+                    if hit is not None:
+                        return hit
+        try:
+            if stream:
+                response = self._forward_stream(endpoint, body, request, decision, flight)
+                flight = None  # the stream releases it when it ends
+                return response
+            return self._forward(endpoint, body, request, decision)
+        finally:
+            if flight is not None:
+                flight.release()
+
+    # -- hits -----------------------------------------------------------------------------------
+
+    def _lookup(self, key: str) -> CachedEntry | None:
+        try:
+            return self.store.get(key)
+        except StoreError as exc:
+            log.warning("cache lookup failed, answering without the cache: %s", exc)
+            return None
+
+    def _answer_hit(self, endpoint: Endpoint, body: dict, entry: CachedEntry, outcome: Outcome,
+                    stream: bool) -> Response | None:
+        """The stored answer, as JSON or replayed as a stream; None if the row is unreadable."""
+        if stream or self.settings.include_cache_metadata:
+            try:
+                completion = json.loads(entry.response_json)
+            except ValueError:
+                log.warning("unreadable cache entry %s treated as a miss", entry.key[:12])
+                return None
+        self.store.record_hit(entry.key)
+        if stream:
+            return Response(replay(endpoint.mode, completion, wants_usage(body)),
+                            mimetype="text/event-stream", headers={**SSE_HEADERS, **outcome.headers()})
+        text = entry.response_json
+        if self.settings.include_cache_metadata:
+            text = json.dumps({**completion, "code_model_cache": outcome.metadata()}, ensure_ascii=False)
+        return Response(text, mimetype="application/json", headers=outcome.headers())
+
+    # -- misses ---------------------------------------------------------------------------------
+
+    def _upstream_body(self, request: Request, body: dict, extra: dict | None = None) -> bytes:
+        forwarded = strip_proxy_controls(body)
+        if extra:
+            forwarded = {**forwarded, **extra}
+        elif forwarded == body:
+            return request.get_data()  # unchanged: send the client's own bytes
+        return json.dumps(forwarded, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+    def _forward(self, endpoint: Endpoint, body: dict, request: Request, decision: Decision) -> Response:
+        reply = self.upstream.request("POST", endpoint.upstream_path, request.headers,
+                                      self._upstream_body(request, body))
+        outcome = self._initial_outcome(decision)
+        passthrough = relayable_headers(reply.headers)
+        if not 200 <= reply.status < 300:
+            outcome = Outcome("BYPASS", decision.key, reason="upstream returned an error")
+            return self._relay(reply.body, reply.status, passthrough, outcome)
+        try:
+            data = json.loads(reply.body)
+        except ValueError:
+            outcome = Outcome("BYPASS", decision.key, reason="upstream response was not JSON")
+            return self._relay(reply.body, reply.status, passthrough, outcome)
+        if decision.write:
+            outcome.store = self._store(endpoint, body, decision, data, reply.body.decode("utf-8", "replace").strip())
+        if self.settings.include_cache_metadata and isinstance(data, dict):
+            text = json.dumps({**data, "code_model_cache": outcome.metadata()}, ensure_ascii=False)
+            return self._relay(text.encode(), reply.status, passthrough, outcome)
+        return self._relay(reply.body, reply.status, passthrough, outcome)
+
+    @staticmethod
+    def _initial_outcome(decision: Decision) -> Outcome:
+        if decision.reason:
+            return Outcome("BYPASS", decision.key, reason=decision.reason)
+        return Outcome("MISS", decision.key)
+
+    @staticmethod
+    def _relay(data: bytes, status: int, passthrough: dict, outcome: Outcome) -> Response:
+        response = Response(data, status=status, headers={**passthrough, **outcome.headers()})
+        return response
+
+    def _store(self, endpoint: Endpoint, body: dict, decision: Decision, data: Any, text: str) -> str:
+        """Store one complete answer; returns the store outcome for the headers."""
+        reason = uncacheable_reason(data)
+        if reason:
+            return f"skipped: {reason}"
+        if len(text) > self.settings.cache_max_response_chars:
+            return "skipped: response is too large for cache"
+        request_json = decision.canonical[:-1] + f',"cache_key":"{decision.key}"}}'
+        try:
+            return self.store.put(NewEntry(decision.key, endpoint.mode, str(body.get("model")),
+                                           request_json, text))
+        except StoreError as exc:
+            log.warning("cache write failed: %s", exc)
+            return "skipped: cache write failed"
+
+    # -- streamed misses ------------------------------------------------------------------------
+
+    def _forward_stream(self, endpoint: Endpoint, body: dict, request: Request, decision: Decision,
+                        flight) -> Response:
+        cleanup = _Cleanup(flight)
+        try:
+            client_wants_usage = wants_usage(body)
+            # To store usage with the answer, ask for it; the usage chunk is then kept from a
+            # client that did not ask for it.
+            extra = None
+            if decision.write and not client_wants_usage:
+                extra = {"stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+            upstream = self.upstream.open("POST", endpoint.upstream_path, request.headers,
+                                          self._upstream_body(request, body, extra))
+            cleanup.stream = upstream
+            passthrough = relayable_headers(upstream.headers)
+            if not 200 <= upstream.status < 300:
+                outcome = Outcome("BYPASS", decision.key, reason="upstream returned an error")
+                return self._relay(upstream.read_all(), upstream.status, passthrough, outcome)
+            if "text/event-stream" not in upstream.content_type:
+                outcome = Outcome("BYPASS", decision.key, reason="upstream did not answer with a stream")
+                return self._relay(upstream.read_all(), upstream.status, passthrough, outcome)
+        except BaseException:
+            cleanup()
+            raise
+        outcome = self._initial_outcome(decision)
+        passthrough.pop("Content-Type", None)
+        passthrough.pop("content-type", None)
+        events = self._relay_stream(endpoint, body, decision, upstream, extra is not None, cleanup)
+        response = Response(events, status=upstream.status, mimetype="text/event-stream",
+                            headers={**passthrough, **SSE_HEADERS, **outcome.headers()})
+        # Runs even when the body is never iterated (the client left before the first byte).
+        response.call_on_close(cleanup)
+        return response
+
+    def _relay_stream(self, endpoint: Endpoint, body: dict, decision: Decision,
+                      upstream: UpstreamStream, drop_usage_chunk: bool, cleanup: "_Cleanup") -> Iterator[bytes]:
+        capture = StreamCapture(endpoint.mode, drop_usage_chunk=drop_usage_chunk)
+        stored = False
+        try:
+            for piece in upstream.iter_bytes():
+                out = capture.feed(piece)
+                if decision.write and not stored and capture.done:
+                    stored = True
+                    self._store_stream(endpoint, body, decision, capture)
+                    cleanup.release_flight()
+                if out:
+                    yield out
+            tail = capture.leftover()
+            if tail:
+                yield tail
+        except UpstreamFailed as exc:
+            log.warning("upstream stream for %s broke off: %s", decision.key[:12], exc.message)
+            yield error_event(exc.message, code=exc.code or "upstream_request_failed")
+        finally:
+            cleanup()
+
+    def _store_stream(self, endpoint: Endpoint, body: dict, decision: Decision,
+                      capture: StreamCapture) -> None:
+        completion = capture.completion()
+        if completion is None:
+            log.info("stream %s not stored: incomplete or carried an error", decision.key[:12])
+            return
+        text = json.dumps(completion, ensure_ascii=False)
+        outcome = self._store(endpoint, body, decision, completion, text)
+        log.info("stream %s store: %s", decision.key[:12], outcome)
+
+
+class _Cleanup:
+    """Closes the upstream stream and releases the flight exactly once, whoever gets there first."""
+
+    def __init__(self, flight) -> None:
+        self.flight = flight
+        self.stream: UpstreamStream | None = None
+
+    def release_flight(self) -> None:
+        flight, self.flight = self.flight, None
+        if flight is not None:
+            flight.release()
+
+    def __call__(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.close()
+        self.release_flight()

@@ -1,0 +1,178 @@
+"""Computer-Use Cache: an OpenAI-compatible caching proxy (the app factory, its routes, and `python server.py`).
+
+Production runs ``gunicorn -c gunicorn.conf.py 'server:create_app()'``; tests call
+``create_app(settings)`` with their own settings.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import sys
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from cache_store import SQLiteStore, StoreError
+from coalesce import Coalescer
+from config import Settings, SettingsError, load_settings
+from errors import ApiError, AuthenticationFailed, MethodNotAllowed, NotFound, ServiceUnavailable
+from errors import error_body
+from proxy import CompletionProxy, cache_headers
+from upstream import UpstreamClient, bearer_token, relayable_headers
+from wire import CHAT, CHAT_ROUTES, COMPLETION, COMPLETION_ROUTES, MODEL_ROUTES
+
+log = logging.getLogger("computer_use_cache")
+
+EXTENSION = "computer_use_cache"
+ROOT_ENDPOINTS = ["/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/models",
+                  "/cache/stats"]
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Cache-Bypass, X-Cache-Admin-Token"
+CORS_EXPOSE_HEADERS = ", ".join(
+    f"{prefix}{suffix}"
+    for prefix in ("X-Computer-Use-Cache", "X-Code-Model-Cache")
+    for suffix in ("", "-Key", "-Store", "-Bypass-Reason")
+) + ", X-Computer-Use-Cache-Coalesced"
+
+
+def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = None) -> Flask:
+    """Build the app and everything it uses; nothing is opened until the first request."""
+    settings = load_settings() if settings is None else settings
+    store = store or SQLiteStore(settings.cache_db_path, settings.cache_ttl_seconds,
+                                 hit_flush_seconds=settings.hit_flush_seconds)
+    coalescer = None
+    if settings.cache_coalesce:
+        coalescer = Coalescer(settings.cache_db_path + ".coalesce.lock",
+                              timeout_seconds=settings.upstream_timeout_seconds + 5)
+    upstream = UpstreamClient(settings)
+    proxy = CompletionProxy(settings, store, upstream, coalescer)
+
+    app = Flask(__name__)
+    app.json.sort_keys = False
+    app.extensions[EXTENSION] = proxy
+
+    for route in CHAT_ROUTES:
+        app.add_url_rule(route, f"chat:{route}", lambda: proxy.handle(CHAT, request), methods=["POST"])
+    for route in COMPLETION_ROUTES:
+        app.add_url_rule(route, f"completion:{route}", lambda: proxy.handle(COMPLETION, request),
+                         methods=["POST"])
+
+    def models() -> Response:
+        reply = upstream.request("GET", "/models", request.headers)
+        headers = {**relayable_headers(reply.headers),
+                   **cache_headers("BYPASS", reason="model lists are not cached")}
+        return Response(reply.body, status=reply.status, headers=headers)
+
+    for route in MODEL_ROUTES:
+        app.add_url_rule(route, f"models:{route}", models, methods=["GET"])
+
+    def stats() -> dict[str, Any]:
+        try:
+            return store.stats()
+        except StoreError as exc:
+            raise ServiceUnavailable(f"The cache database is unavailable: {exc}") from exc
+
+    @app.get("/")
+    def root():
+        return jsonify(name="computer-use-cache", status="ok",
+                       upstream_base_url=settings.upstream_base_url, endpoints=ROOT_ENDPOINTS)
+
+    @app.get("/healthz")
+    def healthz():
+        try:
+            cache = store.stats()
+        except StoreError as exc:
+            body = {"ok": False, "cache": {"available": False, "error": str(exc)},
+                    "upstream_base_url": settings.upstream_base_url}
+            return jsonify(body), 503
+        return jsonify(ok=True, cache=cache, upstream_base_url=settings.upstream_base_url)
+
+    @app.get("/cache/stats")
+    def cache_stats():
+        return jsonify(stats())
+
+    @app.post("/cache/clear")
+    def cache_clear():
+        require_admin(settings)
+        try:
+            deleted = store.clear()
+        except StoreError as exc:
+            raise ServiceUnavailable(f"The cache database is unavailable: {exc}") from exc
+        return jsonify(ok=True, deleted=deleted)
+
+    register_http_behaviour(app, settings)
+    return app
+
+
+def require_admin(settings: Settings) -> None:
+    """Admin routes need CACHE_ADMIN_TOKEN, when one is set, as a header or a bearer token."""
+    expected = settings.cache_admin_token
+    if not expected:
+        return
+    offered = request.headers.get("X-Cache-Admin-Token") or bearer_token(
+        request.headers.get("Authorization")) or ""
+    if not hmac.compare_digest(offered.encode(), expected.encode()):
+        raise AuthenticationFailed("Invalid cache admin token.")
+
+
+def error_response(error: ApiError) -> Response:
+    response = Response(error.json_bytes(), status=error.status, mimetype="application/json",
+                        headers=error.headers)
+    if request.path.endswith("completions"):
+        response.headers.update(cache_headers("BYPASS", reason=error.message))
+    return response
+
+
+def register_http_behaviour(app: Flask, settings: Settings) -> None:
+    """CORS on every response, preflights, and OpenAI error objects for every failure."""
+
+    @app.before_request
+    def preflight():
+        if request.method == "OPTIONS":
+            return Response(status=204)
+        return None
+
+    @app.after_request
+    def cors(response: Response) -> Response:
+        response.headers["Access-Control-Allow-Origin"] = settings.cors_allow_origin
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+        return response
+
+    @app.errorhandler(ApiError)
+    def api_error(error: ApiError):
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        if error.code == 404:
+            return error_response(NotFound(f"Unknown route: {request.method} {request.path}"))
+        if error.code == 405:
+            return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}."))
+        api = ApiError(error.description or error.name, status=error.code or 400)
+        return error_response(api)
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        body = error_body("The cache server failed unexpectedly.", "server_error", "internal_error")
+        return jsonify(body), 500
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python server.py`: Flask's own server, for the original's users and for development."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"computer-use-cache: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    app.run(host=settings.host, port=settings.port, debug=settings.flask_debug, threaded=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

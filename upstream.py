@@ -1,0 +1,190 @@
+"""The client for the OpenAI-compatible upstream: headers, one deadline per call, no redirects.
+
+One ``requests.Session`` per thread keeps connections to the upstream alive across requests.
+``UPSTREAM_TIMEOUT_SECONDS`` is a deadline for the whole call: a server that trickles bytes or
+stalls mid-body is cut off when it passes, not merely when one read is slow.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+import requests
+
+from config import Settings
+from errors import UpstreamFailed, UpstreamTimeout
+
+_READ_SIZE = 65536
+
+# Headers that describe one hop of the connection, or that the proxy sets itself: never relayed.
+_NOT_RELAYED = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "content-length", "content-encoding", "server",
+    "date", "set-cookie", "access-control-allow-origin", "access-control-allow-methods",
+    "access-control-allow-headers", "access-control-expose-headers",
+    "access-control-allow-credentials", "access-control-max-age",
+})
+
+
+def relayable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Upstream response headers a client should see (rate limits, request ids, Retry-After)."""
+    return {name: value for name, value in headers.items() if name.lower() not in _NOT_RELAYED}
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if authorization and authorization[:7].lower() == "bearer ":
+        token = authorization[7:].strip()
+        return token or None
+    return None
+
+
+@dataclass
+class UpstreamReply:
+    """A whole upstream answer, body decoded (gzip and the like already undone)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    elapsed: float
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", self.headers.get("content-type", ""))
+
+
+@dataclass
+class UpstreamStream:
+    """An upstream answer whose body is read piece by piece as it arrives."""
+
+    status: int
+    headers: dict[str, str]
+    _response: requests.Response
+    _deadline: float
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", self.headers.get("content-type", ""))
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """Body pieces as they arrive; raises UpstreamFailed/UpstreamTimeout on a broken body."""
+        return _read_pieces(self._response, self._deadline)
+
+    def read_all(self) -> bytes:
+        return b"".join(self.iter_bytes())
+
+    def close(self) -> None:
+        """Drop the connection (not back to the pool): the upstream stops sending at once."""
+        try:
+            self._response.raw.shutdown()
+        except Exception:
+            pass
+        self._response.close()
+
+
+def _set_read_timeout(response: requests.Response, seconds: float) -> None:
+    connection = getattr(response.raw, "connection", None) or getattr(response.raw, "_connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(max(seconds, 0.001))
+
+
+def _read_pieces(response: requests.Response, deadline: float) -> Iterator[bytes]:
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamTimeout("The upstream did not finish its answer in time.")
+            _set_read_timeout(response, remaining)
+            piece = response.raw.read1(_READ_SIZE, decode_content=True)
+            if not piece:
+                return
+            yield piece
+    except (UpstreamFailed, GeneratorExit):
+        raise
+    except requests.exceptions.Timeout as exc:  # pragma: no cover - urllib3 wraps it below
+        raise UpstreamTimeout("The upstream did not finish its answer in time.") from exc
+    except Exception as exc:
+        if time.monotonic() >= deadline or "timed out" in str(exc).lower():
+            raise UpstreamTimeout("The upstream did not finish its answer in time.") from exc
+        raise UpstreamFailed("The upstream connection broke off before the answer was complete.") from exc
+
+
+class UpstreamClient:
+    def __init__(self, settings: Settings):
+        self.base_url = settings.upstream_base_url
+        self.api_key = settings.upstream_api_key
+        self.timeout = settings.upstream_timeout_seconds
+        self.referer = settings.openrouter_http_referer
+        self.title = settings.openrouter_x_title
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # the upstream is configured here, not by proxy env vars
+            self._local.session = session
+        return session
+
+    def headers_for(self, client_headers: Mapping[str, str]) -> dict[str, str]:
+        """The original's upstream headers: our key or the client's, plus OpenRouter attribution."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        token = self.api_key or bearer_token(client_headers.get("Authorization"))
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        referer = self.referer or client_headers.get("HTTP-Referer")
+        if referer:
+            headers["HTTP-Referer"] = referer
+        title = self.title or client_headers.get("X-Title")
+        if title:
+            headers["X-Title"] = title
+        return headers
+
+    def open(self, method: str, path: str, client_headers: Mapping[str, str],
+             body: bytes | None = None) -> UpstreamStream:
+        """Send the request and return once the status and headers are in."""
+        started = time.monotonic()
+        deadline = started + self.timeout
+        try:
+            response = self._session().request(
+                method, self.base_url + path, data=body, headers=self.headers_for(client_headers),
+                stream=True, allow_redirects=False,
+                timeout=(min(self.timeout, 30.0), self.timeout),
+            )
+        except requests.exceptions.ConnectTimeout as exc:
+            raise UpstreamTimeout(f"Could not connect to the upstream in time: {_reason(exc)}") from exc
+        except requests.exceptions.Timeout as exc:
+            raise UpstreamTimeout("The upstream did not answer in time.") from exc
+        except requests.exceptions.RequestException as exc:
+            raise UpstreamFailed(f"Upstream request failed: {_reason(exc)}") from exc
+        if 300 <= response.status_code < 400:
+            response.close()
+            raise UpstreamFailed(
+                f"The upstream answered with a redirect ({response.status_code}); redirects are "
+                "not followed, so the request and its key never go elsewhere."
+            )
+        return UpstreamStream(response.status_code, dict(response.headers), response, deadline, started)
+
+    def request(self, method: str, path: str, client_headers: Mapping[str, str],
+                body: bytes | None = None) -> UpstreamReply:
+        """The whole answer, within the deadline."""
+        stream = self.open(method, path, client_headers, body)
+        try:
+            data = stream.read_all()
+        finally:
+            stream._response.close()
+        return UpstreamReply(stream.status, stream.headers, data, time.monotonic() - stream.started)
+
+
+def _reason(exc: Exception) -> str:
+    """A short cause without internals (no addresses of objects, no tracebacks)."""
+    text = str(exc.__class__.__name__)
+    reason = getattr(exc, "args", ())
+    if reason and isinstance(reason[0], Exception):
+        inner = reason[0]
+        text = getattr(inner, "reason", inner).__class__.__name__
+    return text
