@@ -144,6 +144,8 @@ class Monitor(RequestObserver):
                                  registry=owner)
         self.store_errors = Counter(f"{PREFIX}_store_errors", "Database operations that failed.",
                                     ["operation"], registry=owner)
+        for operation in ("read", "write"):
+            self.store_errors.labels(operation)  # shown as 0 before the first error
         self.store_collector = StoreCollector(store)
         if not self.multiprocess_dir:
             self.registry.register(self.store_collector)
