@@ -107,7 +107,8 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
 
     register_http_behaviour(app, settings)
     # Stats, metrics and dashboard (issue 6): counts requests, serves /metrics, /dashboard and
-    # /cache/activity; the last three need CACHE_ADMIN_TOKEN when one is set.
+    # /cache/activity; /metrics and /cache/activity need CACHE_ADMIN_TOKEN when one is set (the
+    # /dashboard page itself holds no data).
     monitor.register(app, lambda: require_admin(settings))
     register_dashboard(app, store, lambda: require_admin(settings))
     return app
