@@ -27,6 +27,8 @@ from config import Settings
 
 PREFIX = "computer_use_cache"
 STATUS_HEADER = "X-Computer-Use-Cache"
+COALESCED_HEADER = "X-Computer-Use-Cache-Coalesced"
+KEY_HEADER = "X-Computer-Use-Cache-Key"
 HIT_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 UPSTREAM_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -151,6 +153,7 @@ class Monitor(RequestObserver):
             self.registry.register(self.store_collector)
         store.on_error = self.store_error
         self._local = threading.local()
+        self._request_counters: dict[tuple[str, str], Any] = {}  # labels() looked up once
 
     # -- what the proxy and the upstream wrapper report ------------------------------------------
 
@@ -183,14 +186,17 @@ class Monitor(RequestObserver):
         status = response.headers.get(STATUS_HEADER)
         if status is None:
             return
-        coalesced = f"{STATUS_HEADER}-Coalesced" in response.headers
-        self.requests.labels(route, status).inc()
+        coalesced = response.headers.get(COALESCED_HEADER) is not None
+        counter = self._request_counters.get((route, status))
+        if counter is None:
+            counter = self._request_counters[(route, status)] = self.requests.labels(route, status)
+        counter.inc()
         if status == "HIT":
             self.hit_latency.observe(seconds)
         if coalesced:
             self.coalesced.inc()
         model = g.get("computer_use_cache_model", "unknown")
-        self.store.record_request(status, model, route=route, key=response.headers.get(f"{STATUS_HEADER}-Key"),
+        self.store.record_request(status, model, route=route, key=response.headers.get(KEY_HEADER),
                                   seconds=seconds, coalesced=coalesced)
 
     def exposition(self) -> bytes:
