@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run dev test lint bench clean
+.PHONY: run dev test lint bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ run: $(VENV)/.installed
 	$(BIN)/gunicorn -c gunicorn.conf.py 'server:create_app()'
 
 ## Everything CI checks: the Dockerfile lint and the whole test suite.
-test: $(VENV)/.installed-dev lint
+test: $(VENV)/.installed-dev lint browser
 	$(BIN)/python -m pytest -q
+
+## Debian's chromium for the dashboard's headless-browser test (nothing to do once installed).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/hadolint Dockerfile

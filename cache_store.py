@@ -41,6 +41,34 @@ class NewEntry:
     model: str
     request_json: str
     response_json: str
+    # What one hit on this entry saves: the upstream's usage and cost, and how long it took.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    upstream_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TopEntry:
+    """One of the most-hit entries, for the dashboard."""
+
+    key: str
+    model: str
+    request_json: str
+    hits: int
+    created_at: float
+    last_hit_at: float | None
+    size_bytes: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    upstream_seconds: float
+
+
+REQUEST_STATUSES = ("HIT", "MISS", "BYPASS")
+TIMELINE_BUCKET_SECONDS = 10
+TIMELINE_KEEP_SECONDS = 24 * 3600
+RECENT_REQUESTS_KEPT = 200
 
 
 def _m001_initial(db: sqlite3.Connection) -> None:
@@ -108,10 +136,180 @@ def _m002_counters(db: sqlite3.Connection) -> None:
     )
 
 
+def _m003_stats(db: sqlite3.Connection) -> None:
+    """Savings and request counts as running totals, so /cache/stats never scans the table.
+
+    Each entry remembers what one hit on it saves (usage, cost, upstream seconds); a trigger on
+    its hit counter adds hits x savings to the totals and to the per-model row. Savings are money
+    already saved: deleting or evicting an entry later does not take them back.
+    """
+    db.execute("ALTER TABLE completions ADD COLUMN prompt_tokens INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE completions ADD COLUMN completion_tokens INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE completions ADD COLUMN cost_usd REAL NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE completions ADD COLUMN upstream_seconds REAL NOT NULL DEFAULT 0")
+    # Entries stored before this migration: their usage is in the stored answer (once, here).
+    db.execute(
+        """UPDATE completions SET
+            prompt_tokens = coalesce(json_extract(response_json, '$.usage.prompt_tokens'), 0),
+            completion_tokens = coalesce(json_extract(response_json, '$.usage.completion_tokens'), 0),
+            cost_usd = coalesce(json_extract(response_json, '$.usage.cost'), 0)
+           WHERE json_valid(response_json)"""
+    )
+    # The dashboard's "top entries" reads the most-hit rows through this index, not a scan.
+    db.execute("CREATE INDEX IF NOT EXISTS idx_completions_hits ON completions(hits)")
+    db.execute(
+        """INSERT OR IGNORE INTO cache_counters(name, value) VALUES
+            ('since', ?), ('hits_served', 0), ('misses', 0), ('bypasses', 0), ('coalesced', 0),
+            ('prompt_tokens_saved', 0), ('completion_tokens_saved', 0), ('cost_saved_usd', 0),
+            ('time_saved_seconds', 0)""",
+        (time.time(),),
+    )
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS model_stats (
+            model TEXT PRIMARY KEY,
+            hits INTEGER NOT NULL DEFAULT 0,
+            misses INTEGER NOT NULL DEFAULT 0,
+            bypasses INTEGER NOT NULL DEFAULT 0,
+            coalesced INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens_saved INTEGER NOT NULL DEFAULT 0,
+            completion_tokens_saved INTEGER NOT NULL DEFAULT 0,
+            cost_saved_usd REAL NOT NULL DEFAULT 0,
+            time_saved_seconds REAL NOT NULL DEFAULT 0
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS request_timeline (
+            bucket INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            PRIMARY KEY (bucket, status)
+        ) WITHOUT ROWID"""
+    )
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS recent_requests (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            route TEXT NOT NULL,
+            status TEXT NOT NULL,
+            model TEXT NOT NULL,
+            cache_key TEXT,
+            seconds REAL NOT NULL,
+            coalesced INTEGER NOT NULL
+        )"""
+    )
+    # Only growth counts: re-storing an expired entry resets hits to 0 and must not subtract.
+    db.execute(
+        """CREATE TRIGGER IF NOT EXISTS completions_savings AFTER UPDATE OF hits ON completions
+        WHEN NEW.hits > OLD.hits BEGIN
+            UPDATE cache_counters SET value = value + NEW.hits - OLD.hits WHERE name = 'hits_served';
+            UPDATE cache_counters SET value = value + (NEW.hits - OLD.hits) * NEW.prompt_tokens
+                WHERE name = 'prompt_tokens_saved';
+            UPDATE cache_counters SET value = value + (NEW.hits - OLD.hits) * NEW.completion_tokens
+                WHERE name = 'completion_tokens_saved';
+            UPDATE cache_counters SET value = value + (NEW.hits - OLD.hits) * NEW.cost_usd
+                WHERE name = 'cost_saved_usd';
+            UPDATE cache_counters SET value = value + (NEW.hits - OLD.hits) * NEW.upstream_seconds
+                WHERE name = 'time_saved_seconds';
+            INSERT INTO model_stats(model, hits, prompt_tokens_saved, completion_tokens_saved,
+                                    cost_saved_usd, time_saved_seconds)
+            VALUES (NEW.model, NEW.hits - OLD.hits, (NEW.hits - OLD.hits) * NEW.prompt_tokens,
+                    (NEW.hits - OLD.hits) * NEW.completion_tokens,
+                    (NEW.hits - OLD.hits) * NEW.cost_usd, (NEW.hits - OLD.hits) * NEW.upstream_seconds)
+            ON CONFLICT(model) DO UPDATE SET
+                hits = hits + excluded.hits,
+                prompt_tokens_saved = prompt_tokens_saved + excluded.prompt_tokens_saved,
+                completion_tokens_saved = completion_tokens_saved + excluded.completion_tokens_saved,
+                cost_saved_usd = cost_saved_usd + excluded.cost_saved_usd,
+                time_saved_seconds = time_saved_seconds + excluded.time_saved_seconds;
+        END"""
+    )
+
+
+class RequestTally:
+    """Requests counted in memory between two flushes: totals, per model, per time bucket, recent."""
+
+    def __init__(self) -> None:
+        self.by_model_status: dict[tuple[str, str], int] = {}
+        self.coalesced: dict[str, int] = {}
+        self.timeline: dict[tuple[int, str], int] = {}
+        self.recent: list[tuple] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.by_model_status or self.coalesced)
+
+    def add(self, at: float, route: str, status: str, model: str, key: str | None, seconds: float,
+            coalesced: bool) -> None:
+        pair = (model, status)
+        self.by_model_status[pair] = self.by_model_status.get(pair, 0) + 1
+        if coalesced:
+            self.coalesced[model] = self.coalesced.get(model, 0) + 1
+        bucket = (int(at // TIMELINE_BUCKET_SECONDS) * TIMELINE_BUCKET_SECONDS, status)
+        self.timeline[bucket] = self.timeline.get(bucket, 0) + 1
+        self.recent.append((at, route, status, model, key, seconds, int(coalesced)))
+        del self.recent[:-RECENT_REQUESTS_KEPT]
+
+    def merge(self, other: "RequestTally") -> None:
+        """Add ``other`` (counted later than self): a failed batch is put back for the next flush."""
+        for pair, count in other.by_model_status.items():
+            self.by_model_status[pair] = self.by_model_status.get(pair, 0) + count
+        for model, count in other.coalesced.items():
+            self.coalesced[model] = self.coalesced.get(model, 0) + count
+        for bucket, count in other.timeline.items():
+            self.timeline[bucket] = self.timeline.get(bucket, 0) + count
+        self.recent = (self.recent + other.recent)[-RECENT_REQUESTS_KEPT:]
+
+    def write(self, db: sqlite3.Connection, now: float) -> None:
+        misses = sum(n for (_, status), n in self.by_model_status.items() if status == "MISS")
+        bypasses = sum(n for (_, status), n in self.by_model_status.items() if status == "BYPASS")
+        db.executemany(
+            "UPDATE cache_counters SET value = value + ? WHERE name = ?",
+            [(misses, "misses"), (bypasses, "bypasses"), (sum(self.coalesced.values()), "coalesced")],
+        )
+        models = {model for model, _ in self.by_model_status} | set(self.coalesced)
+        db.executemany(
+            """INSERT INTO model_stats(model, misses, bypasses, coalesced) VALUES (?, ?, ?, ?)
+               ON CONFLICT(model) DO UPDATE SET misses = misses + excluded.misses,
+                   bypasses = bypasses + excluded.bypasses, coalesced = coalesced + excluded.coalesced""",
+            [(model, self.by_model_status.get((model, "MISS"), 0),
+              self.by_model_status.get((model, "BYPASS"), 0), self.coalesced.get(model, 0))
+             for model in models],
+        )
+        db.executemany(
+            """INSERT INTO request_timeline(bucket, status, requests) VALUES (?, ?, ?)
+               ON CONFLICT(bucket, status) DO UPDATE SET requests = requests + excluded.requests""",
+            [(bucket, status, count) for (bucket, status), count in self.timeline.items()],
+        )
+        db.execute("DELETE FROM request_timeline WHERE bucket < ?", (now - TIMELINE_KEEP_SECONDS,))
+        db.executemany(
+            "INSERT INTO recent_requests(at, route, status, model, cache_key, seconds, coalesced) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self.recent,
+        )
+        db.execute(
+            "DELETE FROM recent_requests WHERE id <= (SELECT max(id) FROM recent_requests) - ?",
+            (RECENT_REQUESTS_KEPT,),
+        )
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], ...] = (
     (1, "initial", _m001_initial),
     (2, "counters", _m002_counters),
+    (3, "stats", _m003_stats),
 )
+
+
+def hit_rate(hits: int, misses: int) -> float | None:
+    """Hits over cacheable lookups (hits + misses); None before the first one."""
+    return round(hits / (hits + misses), 4) if hits + misses else None
+
+
+def savings(prompt: float, completion: float, cost: float, seconds: float) -> dict:
+    return {
+        "tokens_saved": {"prompt": int(prompt), "completion": int(completion),
+                         "total": int(prompt) + int(completion)},
+        "cost_saved_usd": round(cost, 6),
+        "time_saved_seconds": round(seconds, 3),
+    }
 
 
 class SQLiteStore:
@@ -139,6 +337,9 @@ class SQLiteStore:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._pending_hits: dict[str, list[float]] = {}
+        self._pending_requests = RequestTally()
+        # Told the operation name whenever the database fails (the metrics count store errors).
+        self.on_error: Callable[[str], None] | None = None
         self._schema_ready_pid: int | None = None
         self._flusher_pid: int | None = None
         self._flusher_stop = threading.Event()
@@ -219,8 +420,13 @@ class SQLiteStore:
                 db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
+            self._report_error("write")
             raise StoreError(str(exc)) from exc
         return result
+
+    def _report_error(self, operation: str) -> None:
+        if self.on_error is not None:
+            self.on_error(operation)
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -238,6 +444,7 @@ class SQLiteStore:
                 (key,),
             ).fetchone()
         except sqlite3.Error as exc:
+            self._report_error("read")
             raise StoreError(str(exc)) from exc
         if row is None or self.is_expired(row[3]):
             return None
@@ -277,7 +484,17 @@ class SQLiteStore:
             )
             return "updated"
 
-        return self._write(upsert)  # type: ignore[return-value]
+        def upsert_with_savings(db: sqlite3.Connection) -> str:
+            status = upsert(db)
+            db.execute(
+                "UPDATE completions SET prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, "
+                "upstream_seconds = ? WHERE cache_key = ?",
+                (entry.prompt_tokens, entry.completion_tokens, entry.cost_usd, entry.upstream_seconds,
+                 entry.key),
+            )
+            return status
+
+        return self._write(upsert_with_savings)  # type: ignore[return-value]
 
     def record_hit(self, key: str) -> None:
         """Count a hit in memory; written with the next batch, not on the request path."""
@@ -290,6 +507,13 @@ class SQLiteStore:
                 pending[0] += 1
                 pending[1] = now
 
+    def record_request(self, status: str, model: str, *, route: str = "", key: str | None = None,
+                       seconds: float = 0.0, coalesced: bool = False) -> None:
+        """Count one answered request (HIT, MISS or BYPASS) in memory; written with the hits."""
+        at = self.clock()
+        with self._lock:
+            self._pending_requests.add(at, route, status, model, key, seconds, coalesced)
+
     def delete(self, key: str) -> bool:
         return bool(self._write(
             lambda db: db.execute("DELETE FROM completions WHERE cache_key = ?", (key,)).rowcount
@@ -301,14 +525,26 @@ class SQLiteStore:
         return int(self._write(lambda db: db.execute("DELETE FROM completions").rowcount))  # type: ignore[arg-type]
 
     def stats(self) -> dict:
-        """The original's stats fields, from running totals: O(1) in the number of entries."""
+        """The original's stats fields and the savings, from running totals.
+
+        O(1) in the number of entries (O(models) for the breakdown): counters kept by triggers
+        and by the batched flush, never a scan of the completions table.
+        """
         self.flush()
         try:
             db = self._db()
             counters = dict(db.execute("SELECT name, value FROM cache_counters"))
             (last_updated_at,) = db.execute("SELECT max(updated_at) FROM completions").fetchone()
+            model_rows = db.execute(
+                "SELECT model, hits, misses, bypasses, coalesced, prompt_tokens_saved, "
+                "completion_tokens_saved, cost_saved_usd, time_saved_seconds "
+                "FROM model_stats ORDER BY model"
+            ).fetchall()
         except sqlite3.Error as exc:
+            self._report_error("read")
             raise StoreError(str(exc)) from exc
+        hits_served = int(counters.get("hits_served", 0))
+        misses = int(counters.get("misses", 0))
         return {
             "entries": int(counters.get("entries", 0)),
             "hits": int(counters.get("hits", 0)),
@@ -316,24 +552,104 @@ class SQLiteStore:
             "db_path": self.path,
             "ttl_seconds": self.ttl_seconds,
             "stored_bytes": int(counters.get("stored_bytes", 0)),
+            "since": counters.get("since"),
+            "hits_served": hits_served,
+            "misses": misses,
+            "bypasses": int(counters.get("bypasses", 0)),
+            "coalesced": int(counters.get("coalesced", 0)),
+            "hit_rate": hit_rate(hits_served, misses),
+            "db_bytes": self.db_bytes(),
+            **savings(counters.get("prompt_tokens_saved", 0), counters.get("completion_tokens_saved", 0),
+                      counters.get("cost_saved_usd", 0), counters.get("time_saved_seconds", 0)),
+            "by_model": {
+                model: {"hits": hits, "misses": model_misses, "bypasses": bypasses,
+                        "coalesced": coalesced, "hit_rate": hit_rate(hits, model_misses),
+                        **savings(prompt, completion, cost, seconds)}
+                for model, hits, model_misses, bypasses, coalesced, prompt, completion, cost, seconds
+                in model_rows
+            },
         }
 
+    def db_bytes(self) -> int:
+        """Size on disk: the database file and its write-ahead log."""
+        total = 0
+        for path in (self.path, self.path + "-wal"):
+            try:
+                total += os.path.getsize(path)
+            except OSError:
+                pass
+        return total
+
+    def activity(self, since: float) -> dict:
+        """Requests per time bucket by cache status since ``since``, and the latest requests."""
+        self.flush()
+        try:
+            db = self._db()
+            buckets = db.execute(
+                "SELECT bucket, status, requests FROM request_timeline WHERE bucket >= ? ORDER BY bucket",
+                (int(since // TIMELINE_BUCKET_SECONDS) * TIMELINE_BUCKET_SECONDS,),
+            ).fetchall()
+            recent = db.execute(
+                "SELECT at, route, status, model, cache_key, seconds, coalesced FROM recent_requests "
+                "ORDER BY id DESC LIMIT 50"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            self._report_error("read")
+            raise StoreError(str(exc)) from exc
+        timeline: dict[int, dict[str, int]] = {}
+        for bucket, status, count in buckets:
+            timeline.setdefault(bucket, dict.fromkeys(REQUEST_STATUSES, 0))[status] = count
+        return {
+            "bucket_seconds": TIMELINE_BUCKET_SECONDS,
+            "timeline": [{"at": bucket, **counts} for bucket, counts in timeline.items()],
+            "recent": [
+                {"at": at, "route": route, "status": status, "model": model, "key": key,
+                 "seconds": round(seconds, 6), "coalesced": bool(coalesced)}
+                for at, route, status, model, key, seconds, coalesced in recent
+            ],
+        }
+
+    def top_entries(self, limit: int = 10) -> list[TopEntry]:
+        """The most-hit entries, read through the index on hits (no table scan)."""
+        self.flush()
+        try:
+            rows = self._db().execute(
+                "SELECT cache_key, model, request_json, hits, created_at, last_hit_at, "
+                "length(CAST(request_json AS BLOB)) + length(CAST(response_json AS BLOB)), "
+                "prompt_tokens, completion_tokens, cost_usd, upstream_seconds "
+                "FROM completions INDEXED BY idx_completions_hits ORDER BY hits DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            self._report_error("read")
+            raise StoreError(str(exc)) from exc
+        return [TopEntry(*row) for row in rows]
+
     def flush(self) -> None:
-        """Write the hit counters gathered in memory, in one transaction."""
+        """Write the hit and request counters gathered in memory, in one transaction."""
         with self._lock:
-            if not self._pending_hits:
+            if not self._pending_hits and not self._pending_requests:
                 return
             batch, self._pending_hits = self._pending_hits, {}
+            requests, self._pending_requests = self._pending_requests, RequestTally()
         rows = [(int(count), last_at, key) for key, (count, last_at) in batch.items()]
-        try:
-            self._write(lambda db: db.executemany(
+        now = self.clock()
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany(
                 "UPDATE completions SET hits = hits + ?, "
                 "last_hit_at = max(coalesce(last_hit_at, 0), ?) WHERE cache_key = ?",
                 rows,
-            ))
+            )
+            requests.write(db, now)
+
+        try:
+            self._write(write)
         except StoreError as exc:
             log.warning("could not write %d hit counters, will retry: %s", len(rows), exc)
             with self._lock:
+                requests.merge(self._pending_requests)
+                self._pending_requests = requests
                 for key, (count, last_at) in batch.items():
                     pending = self._pending_hits.setdefault(key, [0, last_at])
                     pending[0] += count

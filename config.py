@@ -127,6 +127,10 @@ class Settings:
     hit_flush_seconds: float = setting(
         "CACHE_HIT_FLUSH_SECONDS", 1.0, "float",
         "How often hit counters kept in memory are written to the database.")
+    prometheus_multiproc_dir: str = setting(
+        "PROMETHEUS_MULTIPROC_DIR", "", "str",
+        "Directory where gunicorn workers share /metrics (gunicorn.conf.py sets one up); "
+        "empty = one process.")
 
 
 _FALLBACKS = {

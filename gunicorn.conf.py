@@ -6,7 +6,9 @@ the worker's main loop, not a limit on one request, so a healthy 3-minute stream
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 from config import SettingsError, load_settings
 
@@ -15,6 +17,12 @@ try:
 except SettingsError as exc:  # one clear line instead of a traceback per worker
     print(f"computer-use-cache: {exc}", file=sys.stderr)
     sys.exit(2)
+
+# /metrics sums all workers (prometheus_client multiprocess mode): each worker writes its values
+# to files in this directory, set before any worker imports prometheus_client.
+_own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="computer-use-cache-metrics-")
 
 bind = f"{_settings.host}:{_settings.port}"
 worker_class = "gthread"
@@ -33,3 +41,24 @@ def worker_exit(server, worker):
     proxy = getattr(app, "extensions", {}).get("computer_use_cache") if app is not None else None
     if proxy is not None:
         proxy.store.close()
+
+
+def on_starting(server):
+    """Start counting from zero: values left by an earlier run would be summed in otherwise."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges stop counting; its counters stay in the totals."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -20,6 +20,7 @@ from cache_store import CachedEntry, NewEntry, SQLiteStore, StoreError
 from coalesce import Coalescer
 from config import Settings
 from errors import InvalidRequest, UpstreamFailed
+from metrics import RequestObserver
 from streaming import StreamCapture, error_event, replay
 from upstream import UpstreamClient, UpstreamStream, relayable_headers
 from wire import Endpoint, uncacheable_reason, wants_stream, wants_usage
@@ -89,11 +90,13 @@ class CompletionProxy:
         self.store = store
         self.upstream = upstream
         self.coalescer = coalescer
+        self.observer = RequestObserver()  # create_app puts its metrics.Monitor here
 
     # -- entry point ----------------------------------------------------------------------------
 
     def handle(self, endpoint: Endpoint, request: Request) -> Response:
         body = parse_json_body(request)
+        self.observer.request_body(body)
         endpoint.validate(body)
         decision = decide(
             self.settings, endpoint.mode, body,
@@ -206,7 +209,7 @@ class CompletionProxy:
         request_json = decision.canonical[:-1] + f',"cache_key":"{decision.key}"}}'
         try:
             return self.store.put(NewEntry(decision.key, endpoint.mode, str(body.get("model")),
-                                           request_json, text))
+                                           request_json, text, **self.observer.entry_figures(data)))
         except StoreError as exc:
             log.warning("cache write failed: %s", exc)
             return "skipped: cache write failed"

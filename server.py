@@ -17,8 +17,10 @@ from werkzeug.exceptions import HTTPException
 from cache_store import SQLiteStore, StoreError
 from coalesce import Coalescer
 from config import Settings, SettingsError, load_settings
+from dashboard import register_dashboard
 from errors import ApiError, AuthenticationFailed, MethodNotAllowed, NotFound, ServiceUnavailable
 from errors import error_body
+from metrics import Monitor
 from proxy import CompletionProxy, cache_headers
 from upstream import UpstreamClient, bearer_token, relayable_headers
 from wire import CHAT, CHAT_ROUTES, COMPLETION, COMPLETION_ROUTES, MODEL_ROUTES
@@ -45,8 +47,10 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
     if settings.cache_coalesce:
         coalescer = Coalescer(settings.cache_db_path + ".coalesce.lock",
                               timeout_seconds=settings.upstream_timeout_seconds + 5)
-    upstream = UpstreamClient(settings)
+    monitor = Monitor(settings, store)
+    upstream = monitor.wrap_upstream(UpstreamClient(settings))
     proxy = CompletionProxy(settings, store, upstream, coalescer)
+    proxy.observer = monitor
 
     app = Flask(__name__)
     app.json.sort_keys = False
@@ -102,6 +106,11 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
         return jsonify(ok=True, deleted=deleted)
 
     register_http_behaviour(app, settings)
+    # Stats, metrics and dashboard (issue 6): counts requests, serves /metrics, /dashboard and
+    # /cache/activity; /metrics and /cache/activity need CACHE_ADMIN_TOKEN when one is set (the
+    # /dashboard page itself holds no data).
+    monitor.register(app, lambda: require_admin(settings))
+    register_dashboard(app, store, lambda: require_admin(settings))
     return app
 
 

@@ -1,0 +1,114 @@
+"""GET /dashboard (one self-contained page) and GET /cache/activity, the feed it polls.
+
+The page holds no data: it fetches ``/cache/stats`` and ``/cache/activity`` every few seconds.
+When ``CACHE_ADMIN_TOKEN`` is set, ``/cache/activity`` needs it; the page takes it once from
+``?token=``, keeps it in sessionStorage (never in the address bar or history) and sends it as
+``X-Cache-Admin-Token``. Prompts are shown only as their first words, with anything that looks
+like a credential blanked first.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from flask import Flask, Response, jsonify
+
+from cache_policy import CREDENTIAL_PATTERN
+from cache_store import SQLiteStore, StoreError, TopEntry
+from errors import ServiceUnavailable
+
+PAGE_PATH = Path(__file__).with_name("dashboard.html")
+PREVIEW_CHARS = 60
+TIMELINE_WINDOW_SECONDS = 15 * 60
+TOP_ENTRIES = 10
+# Shapes of secrets that carry no label: provider keys, bearer tokens, long opaque strings.
+SECRET_SHAPES = re.compile(
+    r"(?:\b(?:sk|pk|rk|ghp|gho|xox[abp])[-_][A-Za-z0-9_\-]{6,}"
+    r"|\bbearer\s+\S+"
+    r"|[A-Za-z0-9_\-+/=]{24,})",
+    re.IGNORECASE,
+)
+# The page loads nothing from anywhere: a browser enforces it, not just our tests.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(part.get("text", "") for part in content
+                        if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def prompt_text(request_json: str) -> str:
+    """The words a person would recognise a request by: its last user message, or its prompt."""
+    try:
+        payload = json.loads(request_json)
+    except ValueError:
+        return ""
+    if not isinstance(payload, dict):
+        return ""
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                return _text_of(message.get("content"))
+        return _text_of(messages[-1].get("content")) if messages and isinstance(messages[-1], dict) else ""
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt and isinstance(prompt[0], str) else ""
+    return prompt if isinstance(prompt, str) else ""
+
+
+def prompt_preview(request_json: str, limit: int = PREVIEW_CHARS) -> str:
+    """First words of the prompt, credentials blanked before cutting (a cut never reveals half)."""
+    text = " ".join(prompt_text(request_json).split())
+    text = CREDENTIAL_PATTERN.sub("[redacted]", text)
+    text = SECRET_SHAPES.sub("[redacted]", text)
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "\u2026"
+    return text
+
+
+def entry_summary(entry: TopEntry, now: float) -> dict[str, Any]:
+    return {
+        "key": entry.key,
+        "model": entry.model,
+        "prompt": prompt_preview(entry.request_json),
+        "hits": entry.hits,
+        "age_seconds": round(max(0.0, now - entry.created_at), 1),
+        "size_bytes": entry.size_bytes,
+        "tokens_per_hit": entry.prompt_tokens + entry.completion_tokens,
+        "cost_usd_per_hit": entry.cost_usd,
+    }
+
+
+def register_dashboard(app: Flask, store: SQLiteStore, require_admin: Callable[[], None]) -> None:
+    page = PAGE_PATH.read_bytes()
+
+    @app.get("/dashboard")
+    def dashboard():
+        # The page itself is a data-free shell; its feeds check the token.
+        return Response(page, mimetype="text/html", headers={
+            "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+            "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer",
+        })
+
+    @app.get("/cache/activity")
+    def cache_activity():
+        require_admin()
+        now = store.clock()
+        try:
+            activity = store.activity(since=now - TIMELINE_WINDOW_SECONDS)
+            top = [entry_summary(entry, now) for entry in store.top_entries(TOP_ENTRIES)]
+        except StoreError as exc:
+            raise ServiceUnavailable(f"The cache database is unavailable: {exc}") from exc
+        return jsonify(now=now, window_seconds=TIMELINE_WINDOW_SECONDS, **activity, top_entries=top)

@@ -1,0 +1,229 @@
+"""Counting what the cache does: Prometheus metrics, and the request counts behind /cache/stats.
+
+``RequestObserver`` is what ``CompletionProxy`` reports to (the body it read, the answer it is
+about to store); ``Monitor`` is the real one, built by ``create_app``. It times the upstream, counts
+every completion request by route and cache status as its response leaves (a Flask hook, so the
+proxy's flow stays untouched), and serves ``GET /metrics``.
+
+Under gunicorn each worker is its own process: with ``PROMETHEUS_MULTIPROC_DIR`` set (gunicorn.conf.py
+does it) prometheus_client keeps each worker's values in files there and ``/metrics`` sums them, so
+any worker answers with the totals of all. Figures that live in the database (entries, sizes,
+savings) are read from the store at scrape time instead: they are already shared and persistent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+from flask import Flask, Response, g, request
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from cache_store import SQLiteStore, StoreError
+from config import Settings
+
+PREFIX = "computer_use_cache"
+STATUS_HEADER = "X-Computer-Use-Cache"
+COALESCED_HEADER = "X-Computer-Use-Cache-Coalesced"
+KEY_HEADER = "X-Computer-Use-Cache-Key"
+HIT_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+UPSTREAM_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def _number(value: Any) -> float:
+    """A usage figure as a non-negative number; anything else (missing, text, bool) is 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        return 0
+    return value
+
+
+def usage_figures(completion: Any) -> dict[str, Any]:
+    """What one hit on this answer saves, from its ``usage`` (``cost`` where the provider sends it)."""
+    usage = completion.get("usage") if isinstance(completion, dict) else None
+    if not isinstance(usage, dict):
+        usage = {}
+    return {
+        "prompt_tokens": int(_number(usage.get("prompt_tokens"))),
+        "completion_tokens": int(_number(usage.get("completion_tokens"))),
+        "cost_usd": float(_number(usage.get("cost"))),
+    }
+
+
+class RequestObserver:
+    """What the proxy reports about a request. This base only reads usage; Monitor does the rest."""
+
+    def request_body(self, body: dict) -> None:
+        """The parsed body of a completion request (its model is counted when it is answered)."""
+
+    def entry_figures(self, completion: Any) -> dict[str, Any]:
+        """Extra NewEntry fields for an answer about to be stored."""
+        return usage_figures(completion)
+
+
+class TimedUpstream:
+    """Wraps UpstreamClient: counts upstream answers by status and times them."""
+
+    def __init__(self, client: Any, monitor: "Monitor"):
+        self._client = client
+        self._monitor = monitor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def _call(self, method: Callable, *args: Any) -> Any:
+        started = time.monotonic()
+        self._monitor.upstream_started(started)
+        try:
+            answer = method(*args)
+        except Exception:
+            self._monitor.upstream_answered("error", time.monotonic() - started)
+            raise
+        self._monitor.upstream_answered(str(answer.status), time.monotonic() - started)
+        return answer
+
+    def request(self, *args: Any) -> Any:
+        return self._call(self._client.request, *args)
+
+    def open(self, *args: Any) -> Any:
+        return self._call(self._client.open, *args)
+
+
+class StoreCollector:
+    """Figures kept in the database, read at scrape time (O(1): the store's running totals)."""
+
+    def __init__(self, store: SQLiteStore):
+        self.store = store
+
+    def collect(self):
+        try:
+            stats = self.store.stats()
+        except StoreError:
+            return
+        yield GaugeMetricFamily(f"{PREFIX}_entries", "Entries in the cache.", value=stats["entries"])
+        yield GaugeMetricFamily(f"{PREFIX}_database_bytes",
+                                "Size of the database file and its write-ahead log.",
+                                value=stats["db_bytes"])
+        yield GaugeMetricFamily(f"{PREFIX}_stored_bytes",
+                                "Bytes of stored requests and answers.", value=stats["stored_bytes"])
+        tokens = CounterMetricFamily(f"{PREFIX}_tokens_saved",
+                                     "Tokens not sent upstream thanks to cache hits.", labels=["kind"])
+        tokens.add_metric(["prompt"], stats["tokens_saved"]["prompt"])
+        tokens.add_metric(["completion"], stats["tokens_saved"]["completion"])
+        yield tokens
+        yield CounterMetricFamily(f"{PREFIX}_cost_saved_usd",
+                                  "Upstream cost (usage.cost) not spent thanks to cache hits.",
+                                  value=stats["cost_saved_usd"])
+        yield CounterMetricFamily(f"{PREFIX}_time_saved_seconds",
+                                  "Upstream time not waited for thanks to cache hits.",
+                                  value=stats["time_saved_seconds"])
+
+
+class Monitor(RequestObserver):
+    """Prometheus metrics and request counting for one app (one per gunicorn worker)."""
+
+    def __init__(self, settings: Settings, store: SQLiteStore):
+        self.store = store
+        self.multiprocess_dir = settings.prometheus_multiproc_dir
+        # Multiprocess mode: values go to the shared files, not to a registry of this process.
+        self.registry = CollectorRegistry(auto_describe=True)
+        owner = None if self.multiprocess_dir else self.registry
+        self.requests = Counter(f"{PREFIX}_requests", "Completion requests by route and cache status.",
+                                ["route", "cache_status"], registry=owner)
+        self.upstream_requests = Counter(f"{PREFIX}_upstream_requests",
+                                         "Upstream answers by HTTP status ('error': none came).",
+                                         ["status"], registry=owner)
+        self.upstream_latency = Histogram(f"{PREFIX}_upstream_latency_seconds",
+                                          "Time until the upstream answered (headers, for streams).",
+                                          buckets=UPSTREAM_LATENCY_BUCKETS, registry=owner)
+        self.hit_latency = Histogram(f"{PREFIX}_hit_latency_seconds",
+                                     "Time to answer a cache hit (until the response starts).",
+                                     buckets=HIT_LATENCY_BUCKETS, registry=owner)
+        self.coalesced = Counter(f"{PREFIX}_coalesced_requests",
+                                 "Requests answered by waiting for an identical request in flight.",
+                                 registry=owner)
+        self.store_errors = Counter(f"{PREFIX}_store_errors", "Database operations that failed.",
+                                    ["operation"], registry=owner)
+        for operation in ("read", "write"):
+            self.store_errors.labels(operation)  # shown as 0 before the first error
+        self.store_collector = StoreCollector(store)
+        if not self.multiprocess_dir:
+            self.registry.register(self.store_collector)
+        store.on_error = self.store_error
+        self._local = threading.local()
+        self._request_counters: dict[tuple[str, str], Any] = {}  # labels() looked up once
+
+    # -- what the proxy and the upstream wrapper report ------------------------------------------
+
+    def wrap_upstream(self, client: Any) -> TimedUpstream:
+        return TimedUpstream(client, self)
+
+    def upstream_started(self, started: float) -> None:
+        self._local.upstream_started = started
+
+    def upstream_answered(self, status: str, seconds: float) -> None:
+        self.upstream_requests.labels(status).inc()
+        self.upstream_latency.observe(seconds)
+
+    def request_body(self, body: dict) -> None:
+        model = body.get("model")
+        g.computer_use_cache_model = model[:200] if isinstance(model, str) and model else "unknown"
+
+    def entry_figures(self, completion: Any) -> dict[str, Any]:
+        """Usage, plus the upstream time this thread's request has taken so far (a whole stream)."""
+        started = getattr(self._local, "upstream_started", None)
+        seconds = time.monotonic() - started if started is not None else 0.0
+        return {**usage_figures(completion), "upstream_seconds": round(seconds, 6)}
+
+    def store_error(self, operation: str) -> None:
+        self.store_errors.labels(operation).inc()
+
+    # -- Flask ---------------------------------------------------------------------------------
+
+    def count_response(self, route: str, response: Response, seconds: float) -> None:
+        status = response.headers.get(STATUS_HEADER)
+        if status is None:
+            return
+        coalesced = response.headers.get(COALESCED_HEADER) is not None
+        counter = self._request_counters.get((route, status))
+        if counter is None:
+            counter = self._request_counters[(route, status)] = self.requests.labels(route, status)
+        counter.inc()
+        if status == "HIT":
+            self.hit_latency.observe(seconds)
+        if coalesced:
+            self.coalesced.inc()
+        model = g.get("computer_use_cache_model", "unknown")
+        self.store.record_request(status, model, route=route, key=response.headers.get(KEY_HEADER),
+                                  seconds=seconds, coalesced=coalesced)
+
+    def exposition(self) -> bytes:
+        if not self.multiprocess_dir:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, self.multiprocess_dir)
+        registry.register(self.store_collector)
+        return generate_latest(registry)
+
+    def register(self, app: Flask, require_admin: Callable[[], None],
+                 completion_endpoints: tuple[str, ...] = ("chat:", "completion:")) -> None:
+        """Time and count completion requests; serve GET /metrics (admin token when one is set)."""
+
+        @app.before_request
+        def start_clock():
+            g.computer_use_cache_started = time.perf_counter()
+
+        @app.after_request
+        def count(response: Response) -> Response:
+            rule = request.url_rule
+            started = g.get("computer_use_cache_started")
+            if rule is not None and started is not None and rule.endpoint.startswith(completion_endpoints):
+                self.count_response(rule.rule, response, time.perf_counter() - started)
+            return response
+
+        @app.get("/metrics")
+        def metrics():
+            require_admin()
+            return Response(self.exposition(), content_type=CONTENT_TYPE_LATEST)
