@@ -149,6 +149,14 @@ def test_readme__documents_every_setting():
     assert missing == []
 
 
+def test_readme__settings_table_is_the_generated_one():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- settings-table:start")
+    start = readme.index("\n", start) + 1
+    end = readme.index("<!-- settings-table:end -->")
+    assert readme[start:end] == config.settings_markdown_table(), "run `python config.py` and paste its table"
+
+
 # --------------------------------------------------------------------------- real start-up
 
 
