@@ -75,6 +75,16 @@ def test_models_routes__proxied_never_cached(proxy, fake_upstream, http, route):
     assert [(r.method, r.path) for r in fake_upstream.requests] == [("GET", "/v1/models")] * 2
 
 
+def test_models_routes__upstream_error_passes_through(start_proxy, fake_upstream, http):
+    # The fake answers 404 with an OpenAI error for a path it does not serve.
+    proxy = start_proxy(upstream_base_url=fake_upstream.base_url + "/elsewhere")
+    response = http.get(proxy.url + "/v1/models", headers={"Authorization": "Bearer sk-client"})
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "Unknown path: GET /v1/elsewhere/models"
+    assert response.headers["X-Computer-Use-Cache-Bypass-Reason"] == "model lists are not cached"
+    assert fake_upstream.requests[-1].headers["authorization"] == "Bearer sk-client"
+
+
 def test_models_routes__unreachable_upstream_is_502(proxy, fake_upstream, http):
     fake_upstream.stop()
     response = http.get(proxy.url + "/v1/models")
