@@ -114,6 +114,14 @@ def test_not_cached__model_lists(start_proxy, fake_upstream, http, overrides, mo
     assert stored_rows(proxy) == []
 
 
+def test_not_cached__non_ascii_model_name_is_a_safe_header(start_proxy, fake_upstream, http):
+    proxy = start_proxy(cache_model_denylist=("*",))
+    response = http.post(proxy.url + CHAT, json=chat_body(model="東京/m\r\nX-Evil: 1"))
+    assert response.status_code == 200
+    assert cache_state(response) == ("BYPASS", None, "model is not cacheable: ??/m??X-Evil: 1")
+    assert "X-Evil" not in response.headers
+
+
 def test_not_cached__allowlist_match_is_cached(start_proxy, fake_upstream, http):
     proxy = start_proxy(cache_model_allowlist=("openai/*", "test/model-[ab]"))
     assert [cache_state(r)[0] for r in post_twice(http, proxy, chat_body())] == ["MISS", "HIT"]
@@ -199,8 +207,8 @@ def test_headers__every_completion_response_carries_the_decision(proxy, fake_ups
     for response in (miss, hit):
         assert response.headers["X-Computer-Use-Cache-Key"] == response.headers["X-Code-Model-Cache-Key"] == key
     fake_upstream.enqueue(json_reply(chat_completion("v2")))
-    updated = http.post(proxy.url + CHAT, json=chat_body(), headers={"X-Cache-Bypass": "yes"})
-    assert cache_state(updated) == ("BYPASS", None, "X-Cache-Bypass requested")
+    bypassed = http.post(proxy.url + CHAT, json=chat_body(), headers={"X-Cache-Bypass": "yes"})
+    assert cache_state(bypassed) == ("BYPASS", None, "X-Cache-Bypass requested")
     fake_upstream.enqueue(error_reply(500, "boom", "server_error"))
     error = http.post(proxy.url + CHAT, json=chat_body("other"))
     assert cache_state(error) == ("BYPASS", None, "upstream returned an error")
