@@ -206,7 +206,7 @@ class CompletionProxy:
         request_json = decision.canonical[:-1] + f',"cache_key":"{decision.key}"}}'
         try:
             return self.store.put(NewEntry(decision.key, endpoint.mode, str(body.get("model")),
-                                           request_json, text))
+                                           _storable(request_json), _storable(text)))
         except StoreError as exc:
             log.warning("cache write failed: %s", exc)
             return "skipped: cache write failed"
@@ -277,6 +277,13 @@ class CompletionProxy:
         text = json.dumps(completion, ensure_ascii=False)
         outcome = self._store(endpoint, body, decision, completion, text)
         log.info("stream %s store: %s", decision.key[:12], outcome)
+
+
+def _storable(json_text: str) -> str:
+    """JSON text SQLite can hold: a lone surrogate ("\\ud800" in the client's JSON) cannot be
+    encoded as UTF-8, so it is written back as the JSON escape it came from; the text still
+    decodes to the same value."""
+    return json_text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Cleanup:

@@ -4,6 +4,7 @@ different for every field that changes the answer."""
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 
@@ -128,3 +129,27 @@ def test_key__completion_prompt_and_suffix_matter(proxy, fake_upstream, http):
             for body in (completion_body("a"), completion_body("b"), completion_body("a", suffix="!"),
                          completion_body(["a"]))}
     assert len(keys) == 4
+
+
+def test_key__lone_surrogate_in_the_request_is_cached(proxy, fake_upstream, http):
+    # Valid JSON, but "\ud800" alone is not encodable as UTF-8: it must neither crash nor corrupt.
+    raw = '{"model":"test/model-a","messages":[{"role":"user","content":"x\\ud800 \\\\\\udfff"}]}'
+    first = post_raw(http, proxy, raw)
+    second = post_raw(http, proxy, raw)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert (first.headers["X-Computer-Use-Cache"], second.headers["X-Computer-Use-Cache"]) == ("MISS", "HIT")
+    assert first.headers["X-Computer-Use-Cache-Store"] == "stored"
+    assert second.json() == first.json()
+    assert len(fake_upstream.calls()) == 1
+    [(request_json,)] = sqlite_rows(proxy, "SELECT request_json FROM completions")
+    stored = json.loads(request_json)
+    assert stored["messages"] == json.loads(raw)["messages"]
+    assert stored["cache_key"] == first.headers["X-Computer-Use-Cache-Key"]
+
+
+def sqlite_rows(proxy, sql: str) -> list[tuple]:
+    db = sqlite3.connect(proxy.store.path)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
