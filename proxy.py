@@ -152,7 +152,7 @@ class CompletionProxy:
                             mimetype="text/event-stream", headers={**SSE_HEADERS, **outcome.headers()})
         text = entry.response_json
         if self.settings.include_cache_metadata:
-            text = json.dumps({**completion, "code_model_cache": outcome.metadata()}, ensure_ascii=False)
+            text = with_metadata(completion, outcome)
         return Response(text, mimetype="application/json", headers=outcome.headers())
 
     # -- misses ---------------------------------------------------------------------------------
@@ -181,8 +181,7 @@ class CompletionProxy:
         if decision.write:
             outcome.store = self._store(endpoint, body, decision, data, reply.body.decode("utf-8", "replace").strip())
         if self.settings.include_cache_metadata and isinstance(data, dict):
-            text = json.dumps({**data, "code_model_cache": outcome.metadata()}, ensure_ascii=False)
-            return self._relay(text.encode(), reply.status, passthrough, outcome)
+            return self._relay(with_metadata(data, outcome), reply.status, passthrough, outcome)
         return self._relay(reply.body, reply.status, passthrough, outcome)
 
     @staticmethod
@@ -277,6 +276,12 @@ class CompletionProxy:
         text = json.dumps(completion, ensure_ascii=False)
         outcome = self._store(endpoint, body, decision, completion, text)
         log.info("stream %s store: %s", decision.key[:12], outcome)
+
+
+def with_metadata(completion: dict, outcome: Outcome) -> bytes:
+    """The answer plus the code_model_cache object (INCLUDE_CACHE_METADATA), as UTF-8 JSON."""
+    text = json.dumps({**completion, "code_model_cache": outcome.metadata()}, ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace")  # a lone surrogate leaves as its JSON escape
 
 
 def _storable(json_text: str) -> str:
