@@ -367,7 +367,7 @@ class SQLiteStore:
             # First use in this thread, or a connection inherited across fork: open our own.
             try:
                 local.db = self._connect()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:  # OSError: the directory cannot be made
                 raise StoreError(f"cannot open cache database: {exc}") from exc
             local.pid = pid
             with self._lock:

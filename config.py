@@ -180,3 +180,17 @@ def describe_settings() -> list[tuple[str, str, str]]:
             default = int(default)
         rows.append((spec.metadata["env"], str(default), spec.metadata["help"]))
     return rows
+
+
+def settings_markdown_table() -> str:
+    """The README's configuration table, generated so it cannot drift from the code."""
+    lines = ["| variable | default | what it does |", "|---|---|---|"]
+    for env, default, help_text in describe_settings():
+        shown = f"`{default}`" if default else "(empty)"
+        lines.append(f"| `{env}` | {shown} | {help_text.replace('|', '&#124;')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    # `python config.py` prints the configuration table for README.md.
+    print(settings_markdown_table(), end="")

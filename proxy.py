@@ -155,7 +155,7 @@ class CompletionProxy:
                             mimetype="text/event-stream", headers={**SSE_HEADERS, **outcome.headers()})
         text = entry.response_json
         if self.settings.include_cache_metadata:
-            text = json.dumps({**completion, "code_model_cache": outcome.metadata()}, ensure_ascii=False)
+            text = with_metadata(completion, outcome)
         return Response(text, mimetype="application/json", headers=outcome.headers())
 
     # -- misses ---------------------------------------------------------------------------------
@@ -184,8 +184,7 @@ class CompletionProxy:
         if decision.write:
             outcome.store = self._store(endpoint, body, decision, data, reply.body.decode("utf-8", "replace").strip())
         if self.settings.include_cache_metadata and isinstance(data, dict):
-            text = json.dumps({**data, "code_model_cache": outcome.metadata()}, ensure_ascii=False)
-            return self._relay(text.encode(), reply.status, passthrough, outcome)
+            return self._relay(with_metadata(data, outcome), reply.status, passthrough, outcome)
         return self._relay(reply.body, reply.status, passthrough, outcome)
 
     @staticmethod
@@ -209,7 +208,8 @@ class CompletionProxy:
         request_json = decision.canonical[:-1] + f',"cache_key":"{decision.key}"}}'
         try:
             return self.store.put(NewEntry(decision.key, endpoint.mode, str(body.get("model")),
-                                           request_json, text, **self.observer.entry_figures(data)))
+                                           _storable(request_json), _storable(text),
+                                           **self.observer.entry_figures(data)))
         except StoreError as exc:
             log.warning("cache write failed: %s", exc)
             return "skipped: cache write failed"
@@ -280,6 +280,19 @@ class CompletionProxy:
         text = json.dumps(completion, ensure_ascii=False)
         outcome = self._store(endpoint, body, decision, completion, text)
         log.info("stream %s store: %s", decision.key[:12], outcome)
+
+
+def with_metadata(completion: dict, outcome: Outcome) -> bytes:
+    """The answer plus the code_model_cache object (INCLUDE_CACHE_METADATA), as UTF-8 JSON."""
+    text = json.dumps({**completion, "code_model_cache": outcome.metadata()}, ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace")  # a lone surrogate leaves as its JSON escape
+
+
+def _storable(json_text: str) -> str:
+    """JSON text SQLite can hold: a lone surrogate ("\\ud800" in the client's JSON) cannot be
+    encoded as UTF-8, so it is written back as the JSON escape it came from; the text still
+    decodes to the same value."""
+    return json_text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Cleanup:

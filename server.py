@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -179,7 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"computer-use-cache: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings)
-    app.run(host=settings.host, port=settings.port, debug=settings.flask_debug, threaded=True)
+    # SIGTERM (docker stop, systemd) ends like Ctrl-C: the finally below writes pending hit counters.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        app.run(host=settings.host, port=settings.port, debug=settings.flask_debug, threaded=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.extensions[EXTENSION].store.close()
     return 0
 
 

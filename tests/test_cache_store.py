@@ -1,0 +1,212 @@
+"""The store contract, shared by every backend, and the SQLite specifics (original schema, migrations).
+
+A future backend's tests subclass ``StoreContract`` and override the ``make_store`` fixture
+(requests-cache's BaseStorageTest pattern); every contract test then runs against it too.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from cache_store import MIGRATIONS, NewEntry, SQLiteStore
+
+
+class FakeClock:
+    """A clock the test moves by hand: TTL tests never sleep."""
+
+    def __init__(self, now: float = 1_700_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def entry(key: str = "k1", response: dict | None = None, model: str = "test/model-a") -> NewEntry:
+    response = response or {"id": f"resp-{key}", "choices": [{"index": 0}]}
+    return NewEntry(key, "chat", model, json.dumps({"mode": "chat", "cache_key": key}), json.dumps(response))
+
+
+class StoreContract:
+    """What any store must do. Subclasses provide ``make_store(ttl_seconds, clock)``."""
+
+    @pytest.fixture
+    def clock(self):
+        return FakeClock()
+
+    @pytest.fixture
+    def store(self, make_store, clock):
+        return make_store(ttl_seconds=0, clock=clock)
+
+    @pytest.fixture
+    def make_store(self):  # pragma: no cover - every backend overrides it
+        raise NotImplementedError
+
+    def test_store__get_missing_is_none(self, store):
+        assert store.get("absent") is None
+
+    def test_store__put_then_get_returns_the_text_unchanged(self, store, clock):
+        text = '{"id": "x",  "choices": [{"index": 0}], "note": "東京"}'
+        assert store.put(NewEntry("k", "chat", "m", "{}", text)) == "stored"
+        got = store.get("k")
+        assert (got.key, got.mode, got.model, got.response_json) == ("k", "chat", "m", text)
+        assert got.created_at == got.updated_at == clock.now
+
+    def test_store__put_live_key_is_updated_and_keeps_created_at(self, store, clock):
+        store.put(entry("k", {"id": "first", "choices": [1]}))
+        created = store.get("k").created_at
+        clock.advance(10)
+        assert store.put(entry("k", {"id": "second", "choices": [1]})) == "updated"
+        got = store.get("k")
+        assert json.loads(got.response_json)["id"] == "second"
+        assert got.created_at == created
+        assert got.updated_at == clock.now
+
+    def test_store__expired_entry_is_a_miss_and_is_replaced(self, make_store, clock):
+        store = make_store(ttl_seconds=100, clock=clock)
+        store.put(entry("k"))
+        first_created = clock.now
+        clock.advance(100)
+        assert store.get("k") is not None  # exactly at the TTL: still live (now - created > ttl expires)
+        clock.advance(1)
+        assert store.get("k") is None
+        assert store.put(entry("k", {"id": "fresh", "choices": [1]})) == "stored"
+        got = store.get("k")
+        assert got.created_at == clock.now != first_created
+        assert json.loads(got.response_json)["id"] == "fresh"
+
+    def test_store__ttl_zero_never_expires(self, store, clock):
+        store.put(entry("k"))
+        clock.advance(10 * 365 * 86400)
+        assert store.get("k") is not None
+
+    def test_store__record_hit_counts_after_flush(self, store):
+        store.put(entry("k"))
+        store.record_hit("k")
+        store.record_hit("k")
+        store.flush()
+        assert store.get("k").hits == 2
+        assert store.stats()["hits"] == 2
+
+    def test_store__delete(self, store):
+        store.put(entry("k"))
+        assert store.delete("k") is True
+        assert store.delete("k") is False
+        assert store.get("k") is None
+
+    def test_store__clear_returns_rows_removed(self, store):
+        for key in ("a", "b", "c"):
+            store.put(entry(key))
+        assert store.clear() == 3
+        assert store.stats()["entries"] == 0
+        assert store.clear() == 0
+
+    def test_store__stats_shape(self, store, clock):
+        empty = store.stats()
+        assert {"entries", "hits", "last_updated_at", "db_path", "ttl_seconds"} <= set(empty)
+        assert (empty["entries"], empty["hits"], empty["last_updated_at"]) == (0, 0, None)
+        store.put(entry("a"))
+        clock.advance(5)
+        store.put(entry("b"))
+        stats = store.stats()
+        assert stats["entries"] == 2
+        assert stats["last_updated_at"] == clock.now
+
+    def test_store__close_keeps_pending_hits(self, make_store, clock):
+        store = make_store(ttl_seconds=0, clock=clock)
+        store.put(entry("k"))
+        store.record_hit("k")
+        store.close()
+        reopened = make_store(ttl_seconds=0, clock=clock)
+        assert reopened.get("k").hits == 1
+
+
+class TestSQLiteStore(StoreContract):
+    @pytest.fixture
+    def make_store(self, tmp_path):
+        stores = []
+
+        def make(ttl_seconds=0, clock=None):
+            store = SQLiteStore(str(tmp_path / "cache.sqlite3"), ttl_seconds, clock=clock or FakeClock(),
+                                hit_flush_seconds=0)
+            stores.append(store)
+            return store
+
+        yield make
+        for store in stores:
+            store.close()
+
+
+# --------------------------------------------------------------------------- SQLite specifics
+
+ORIGINAL_DDL = """
+CREATE TABLE IF NOT EXISTS completions (
+    cache_key TEXT PRIMARY KEY,
+    mode TEXT NOT NULL,
+    model TEXT NOT NULL,
+    request_json TEXT NOT NULL,
+    response_json TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_hit_at REAL,
+    hits INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS idx_completions_model ON completions(model);
+CREATE INDEX IF NOT EXISTS idx_completions_updated_at ON completions(updated_at);
+"""
+
+
+def create_original_database(path, rows: list[tuple]) -> None:
+    """A database exactly as the original server left it: its table, WAL, no tables of ours."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(ORIGINAL_DDL)
+    db.executemany("INSERT INTO completions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+
+
+def test_sqlite_store__fresh_file_has_the_original_table_and_migrations(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    store = SQLiteStore(str(path), hit_flush_seconds=0)
+    store.stats()
+    store.close()
+    db = sqlite3.connect(path)
+    columns = [row[1] for row in db.execute("PRAGMA table_info(completions)")]
+    assert columns[:9] == ["cache_key", "mode", "model", "request_json", "response_json",
+                           "created_at", "updated_at", "last_hit_at", "hits"]
+    indexes = {row[1] for row in db.execute("PRAGMA index_list(completions)")}
+    assert {"idx_completions_model", "idx_completions_updated_at"} <= indexes
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    applied = [row[0] for row in db.execute("SELECT version FROM schema_migrations ORDER BY version")]
+    assert applied == [version for version, _, _ in MIGRATIONS]
+    db.close()
+
+
+def test_sqlite_store__original_database_is_migrated_in_place(tmp_path):
+    path = tmp_path / "orig.sqlite3"
+    create_original_database(path, [
+        ("k1", "chat", "m", "{}", '{"id":"a","choices":[1]}', 100.0, 150.0, 160.0, 4),
+        ("k2", "completion", "m", "{}", '{"id":"b","choices":[1]}', 200.0, 250.0, None, 0),
+    ])
+    store = SQLiteStore(str(path), ttl_seconds=0, hit_flush_seconds=0)
+    stats = store.stats()
+    assert (stats["entries"], stats["hits"], stats["last_updated_at"]) == (2, 4, 250.0)
+    got = store.get("k1")
+    assert (got.response_json, got.created_at, got.hits) == ('{"id":"a","choices":[1]}', 100.0, 4)
+    store.close()
+
+
+def test_sqlite_store__unopenable_path_raises_store_error(tmp_path):
+    from cache_store import StoreError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    store = SQLiteStore(str(blocker / "sub" / "c.sqlite3"), hit_flush_seconds=0)
+    with pytest.raises(StoreError):
+        store.get("k")
