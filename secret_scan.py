@@ -28,14 +28,22 @@ CREDENTIAL_PATTERN = re.compile(
     re.IGNORECASE,
 )
 
-# The same pattern for lower-cased text, without IGNORECASE: several times faster on large
-# bodies. Equivalent because lower() keeps every position and maps each character the
+# The label pattern as the scan runs it: on lower-cased text without IGNORECASE, several times
+# faster on large bodies (lower() keeps every position and maps each character the
 # case-insensitive pattern accepts for a letter to that letter, except the three handled in
-# labelled_credential().
-_LOWERCASE_CREDENTIAL_PATTERN = re.compile(CREDENTIAL_PATTERN.pattern)
+# labelled_credential()). It also accepts a JSON-escaped quote before the value: the canonical
+# text of a prompt holding `password: "hunter2hunter2"` reads `password: \"hunter2...`, which
+# the original pattern missed.
+_LABEL_PATTERN = re.compile(
+    r"(?:api[_-]?key|secret|password|passwd|access[_-]?token|refresh[_-]?token|private[_-]?key)"
+    r"\s*[:=]\s*(?:\\?[\"'])?[^\"'\s]{8,}"
+)
+_LABEL_PATTERN_ANY_CASE = re.compile(_LABEL_PATTERN.pattern, re.IGNORECASE)
 _FOLDS_UNLIKE_LOWER = ("\u0130", "\u0131", "\u017f")  # İ, ı and ſ match i/s under IGNORECASE
 
-_BEFORE = r"(?<![A-Za-z0-9_-])"
+# A token starts where no token character precedes it, or right after a JSON escape such as
+# the \n of a line break in the canonical text.
+_BEFORE = r"(?:(?<![A-Za-z0-9_-])|(?<=\\[nrtbf]))"
 _AFTER = r"(?![A-Za-z0-9_-])"
 _ALNUM_RUN = re.compile(r"[A-Za-z0-9]+")
 
@@ -67,7 +75,7 @@ TOKEN_KINDS: tuple[TokenKind, ...] = (
     TokenKind("provider API key", ("sk-",), re.compile(
         _BEFORE + r"sk-[A-Za-z0-9_-]{20,}" + _AFTER), _has_random_run),
     TokenKind("AWS access key id", ("AKIA", "ASIA"), re.compile(
-        r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])")),
+        _BEFORE + r"(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])")),
     TokenKind("GitHub token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), re.compile(
         _BEFORE + r"gh[pousr]_[A-Za-z0-9]{30,}" + _AFTER)),
     TokenKind("GitHub token", ("github_pat_",), re.compile(
@@ -84,7 +92,7 @@ TOKEN_KINDS: tuple[TokenKind, ...] = (
     # An RFC 6750 token of 16+ characters with a digit and a letter: "Bearer $TOKEN",
     # "Bearer <token>" and "Bearer YOUR_API_KEY_HERE" are instructions, not credentials.
     TokenKind("Bearer token", ("Bearer", "bearer", "BEARER"), re.compile(
-        r"(?<![A-Za-z0-9_])(?i:bearer)\s+([A-Za-z0-9._~+/-]{16,}=*)(?![A-Za-z0-9._~+/=-])"),
+        r"(?:(?<![A-Za-z0-9_])|(?<=\\[nrtbf]))(?i:bearer)\s+([A-Za-z0-9._~+/-]{16,}=*)(?![A-Za-z0-9._~+/=-])"),
         _has_digit_and_letter),
     # The BEGIN line followed by key material: a question about the format is not a key.
     TokenKind("PEM private key", ("-----BEGIN ",), re.compile(
@@ -116,10 +124,10 @@ def without_base64_data(text: str) -> str:
 
 
 def labelled_credential(text: str) -> bool:
-    """The original server's check (CREDENTIAL_PATTERN.search), answered faster."""
+    """The original server's check (CREDENTIAL_PATTERN), also across a JSON-escaped quote."""
     if any(char in text for char in _FOLDS_UNLIKE_LOWER):
-        return CREDENTIAL_PATTERN.search(text) is not None
-    return _LOWERCASE_CREDENTIAL_PATTERN.search(text.lower()) is not None
+        return _LABEL_PATTERN_ANY_CASE.search(text) is not None
+    return _LABEL_PATTERN.search(text.lower()) is not None
 
 
 def find_secret_kind(text: str) -> str | None:
