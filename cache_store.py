@@ -154,8 +154,8 @@ class SQLiteStore:
         # While the database cannot be opened (corrupt, not SQLite, unreadable), try again at
         # most this often; in between every request is answered without the cache at once.
         self.reopen_seconds = reopen_seconds
-        # Test hook, called at the start of every write transaction: tests make real SQLite
-        # faults here (PRAGMA max_page_count -> SQLITE_FULL, query_only -> SQLITE_READONLY).
+        # Test hook, called on the connection before every write transaction: tests make real
+        # SQLite faults here (PRAGMA max_page_count -> SQLITE_FULL, query_only -> SQLITE_READONLY).
         self.on_write = on_write
         self._unavailable: _Unavailable | None = None
         self._local = threading.local()
@@ -304,10 +304,10 @@ class SQLiteStore:
         """Run one write transaction; BEGIN IMMEDIATE so read-then-write never fails as locked."""
         db = self._db()
         try:
+            if self.on_write is not None:
+                self.on_write(db)
             db.execute("BEGIN IMMEDIATE")
             try:
-                if self.on_write is not None:
-                    self.on_write(db)
                 result = statements(db)
                 db.execute("COMMIT")
             except BaseException:
