@@ -9,24 +9,16 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from config import Settings
+from secret_scan import CREDENTIAL_PATTERN, contains_secret  # noqa: F401 (re-exported)
 
 # Body fields that steer the proxy or the transport, never the answer.
 ALWAYS_IGNORED_KEYS = frozenset({"stream", "stream_options", "cache", "cache_control", "metadata"})
 
 _TRUE_WORDS = {"1", "true", "yes", "on", "y", "t"}
-
-# The original server's credential check: a label, optional spaces, ':' or '=', an optional quote
-# and a value of 8+ characters without quotes or spaces.
-CREDENTIAL_PATTERN = re.compile(
-    r"(?:api[_-]?key|secret|password|passwd|access[_-]?token|refresh[_-]?token|private[_-]?key)"
-    r"\s*[:=]\s*[\"']?[^\"'\s]{8,}",
-    re.IGNORECASE,
-)
 
 
 def canonical_json(value: Any) -> str:
@@ -40,9 +32,16 @@ def canonical_payload(mode: str, body: Mapping[str, Any], ignore_keys: frozenset
     return payload
 
 
-def hash_canonical(canonical: str) -> str:
+def hash_canonical(canonical: str, partition: str | None = None) -> str:
+    """The cache key: the original's sha256 of the canonical text, or, for a partitioned cache,
+    the sha256 of the partition and the text.
+
+    The partitioned form starts with "partition " where every canonical text starts with "{",
+    so no request body can produce another partition's key, nor an unpartitioned one.
+    """
+    text = canonical if partition is None else f"partition {partition}\n{canonical}"
     # surrogatepass: JSON may carry lone surrogates ("\ud800"); they must hash, not crash.
-    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def switch_value(value: Any) -> bool:
@@ -93,7 +92,8 @@ def model_is_cacheable(model: str, allowlist: tuple[str, ...], denylist: tuple[s
 
 
 def contains_credentials(text: str) -> bool:
-    return CREDENTIAL_PATTERN.search(text) is not None
+    """The original's labelled check plus bare tokens (keys, JWTs, PEM blocks): see secret_scan."""
+    return contains_secret(text)
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,17 @@ def decide(
     body: Mapping[str, Any],
     *,
     bypass_header: bool = False,
+    partition: str | None = None,
 ) -> Decision:
-    """Derive the key and decide; the first reason that applies wins, as in the original."""
+    """Derive the key and decide; the first reason that applies wins, as in the original.
+
+    ``partition`` (a keyed hash of the client's API key, see key_partition) is mixed into the
+    key when given, so clients with different keys never share entries; without it the key is
+    byte-identical to the original server's.
+    """
     ignore = ALWAYS_IGNORED_KEYS | frozenset(settings.cache_ignore_keys)
     canonical = canonical_json(canonical_payload(mode, body, ignore))
-    key = hash_canonical(canonical)
+    key = hash_canonical(canonical, partition)
 
     def bypass(reason: str) -> Decision:
         return Decision(key, canonical, read=False, write=False, reason=reason)

@@ -23,6 +23,19 @@ class StoreError(Exception):
     """The store could not do what was asked; callers answer without the cache."""
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+# SQLITE_BUSY / SQLITE_LOCKED: another connection holds a lock; passing, not a broken database.
+_BUSY_ERROR_CODES = {5, 6}
+
+
+@dataclass
+class _Unavailable:
+    """Why the database could not be opened, and when to try again."""
+
+    reason: str
+    retry_at: float
+
+
 @dataclass(frozen=True)
 class CachedEntry:
     key: str
@@ -328,12 +341,21 @@ class SQLiteStore:
         clock: Callable[[], float] = time.time,
         hit_flush_seconds: float = 1.0,
         busy_timeout_ms: int = 5000,
+        reopen_seconds: float = 5.0,
+        on_write: Callable[[sqlite3.Connection], None] | None = None,
     ):
         self.path = path
         self.ttl_seconds = ttl_seconds
         self.clock = clock
         self.hit_flush_seconds = hit_flush_seconds
         self.busy_timeout_ms = busy_timeout_ms
+        # While the database cannot be opened (corrupt, not SQLite, unreadable), try again at
+        # most this often; in between every request is answered without the cache at once.
+        self.reopen_seconds = reopen_seconds
+        # Test hook, called on the connection before every write transaction: tests make real
+        # SQLite faults here (PRAGMA max_page_count -> SQLITE_FULL, query_only -> SQLITE_READONLY).
+        self.on_write = on_write
+        self._unavailable: _Unavailable | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._pending_hits: dict[str, list[float]] = {}
@@ -347,17 +369,47 @@ class SQLiteStore:
 
     # -- connections -------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _prepare_file(self) -> None:
+        """Create the database file and its directory private (0600 / 0700), or check that the
+        file there is a SQLite database. A file that is not is never opened, written or removed.
+        """
         directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        # WAL: readers never block the writer nor each other, across processes.
-        db.execute("PRAGMA journal_mode=WAL")
-        # Wait for a competing writer instead of failing at once with SQLITE_BUSY.
-        db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-        # NORMAL under WAL: a power cut may lose the last commits, never corrupt the file;
-        # the right trade for a cache, and it takes the fsync off every commit.
-        db.execute("PRAGMA synchronous=NORMAL")
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            # An empty file is a new database to SQLite; the -wal and -shm files it creates
+            # beside it take this file's mode, so they are private too.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return
+        except FileExistsError:
+            pass
+        with open(self.path, "rb") as existing:
+            header = existing.read(len(SQLITE_MAGIC))
+        if header and header != SQLITE_MAGIC:
+            raise StoreError("the file at CACHE_DB_PATH is not a SQLite database (left untouched)")
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self._prepare_file()
+            # timeout: the busy timeout from the first statement on, so that even switching a
+            # new file to WAL waits for a competing process instead of failing as locked.
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=self.busy_timeout_ms / 1000)
+        except OSError as exc:
+            raise StoreError(f"cannot open the cache database: {exc.strerror or exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the cache database: {exc}") from exc
+        try:
+            # WAL: readers never block the writer nor each other, across processes.
+            db.execute("PRAGMA journal_mode=WAL")
+            # Wait for a competing writer instead of failing at once with SQLITE_BUSY.
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            # NORMAL under WAL: a power cut may lose the last commits, never corrupt the file;
+            # the right trade for a cache, and it takes the fsync off every commit.
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            db.close()
+            raise StoreError(f"cannot open the cache database: {exc}") from exc
         return db
 
     def _db(self) -> sqlite3.Connection:
@@ -365,17 +417,58 @@ class SQLiteStore:
         pid = os.getpid()
         if getattr(local, "pid", None) != pid:
             # First use in this thread, or a connection inherited across fork: open our own.
-            try:
-                local.db = self._connect()
-            except (sqlite3.Error, OSError) as exc:  # OSError: the directory cannot be made
-                raise StoreError(f"cannot open cache database: {exc}") from exc
+            local.db = self._open(pid)
             local.pid = pid
-            with self._lock:
-                if self._flusher_pid != pid:
-                    self._connections = []
-                self._connections.append(local.db)
-            self._ensure_schema(local.db, pid)
         return local.db
+
+    def _open(self, pid: int) -> sqlite3.Connection:
+        """A new connection for this thread, with the schema ready.
+
+        While the database cannot be opened this fails fast with the reason, tries again at most
+        every ``reopen_seconds``, and logs the cause once rather than once per request.
+        """
+        with self._lock:
+            unavailable = self._unavailable
+        if unavailable is not None and time.monotonic() < unavailable.retry_at:
+            raise StoreError(unavailable.reason)
+        try:
+            db = self._connect()
+            try:
+                self._ensure_schema(db, pid)
+            except BaseException:
+                db.close()
+                raise
+        except StoreError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, sqlite3.Error)
+                    and getattr(cause, "sqlite_errorcode", None) in _BUSY_ERROR_CODES):
+                self._set_unavailable(str(exc))
+            raise
+        with self._lock:
+            if self._flusher_pid != pid:
+                self._connections = []
+            self._connections.append(db)
+            recovered, self._unavailable = self._unavailable, None
+        if recovered is not None:
+            log.warning("cache database %s is available again; caching resumes", self.path)
+        return db
+
+    def _set_unavailable(self, reason: str) -> None:
+        with self._lock:
+            first = self._unavailable is None
+            self._unavailable = _Unavailable(reason, time.monotonic() + self.reopen_seconds)
+        if first:
+            log.error("cache database %s unavailable, every request is answered without the "
+                      "cache until it is fixed (checked again every %gs): %s",
+                      self.path, self.reopen_seconds, reason)
+
+    def unavailable_reason(self) -> str | None:
+        """Why this process cannot use the database right now, or None when it can."""
+        try:
+            self._db()
+        except StoreError as exc:
+            return str(exc)
+        return None
 
     def _ensure_schema(self, db: sqlite3.Connection, pid: int) -> None:
         with self._lock:
@@ -384,7 +477,7 @@ class SQLiteStore:
             try:
                 self._migrate(db)
             except sqlite3.Error as exc:
-                raise StoreError(f"cannot prepare cache database: {exc}") from exc
+                raise StoreError(f"cannot prepare the cache database: {exc}") from exc
             self._schema_ready_pid = pid
             self._start_flusher(pid)
 
@@ -405,19 +498,21 @@ class SQLiteStore:
                     )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     def _write(self, statements: Callable[[sqlite3.Connection], object]) -> object:
         """Run one write transaction; BEGIN IMMEDIATE so read-then-write never fails as locked."""
         db = self._db()
         try:
+            if self.on_write is not None:
+                self.on_write(db)
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = statements(db)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
         except sqlite3.Error as exc:
             self._report_error("write")
@@ -693,3 +788,12 @@ class SQLiteStore:
             except Exception:  # keep flushing whatever one batch did
                 log.exception("hit counter flush failed")
 
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open: SQLite has already rolled back after errors
+    such as SQLITE_FULL, and a second ROLLBACK would hide the real error behind its own."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # the original error is the one worth reporting
+            log.warning("rollback failed: %s", exc)

@@ -57,12 +57,20 @@ def _parse_str(text: str) -> str:
     return text.strip()
 
 
+def _parse_secret(text: str) -> str:
+    value = text.strip()
+    if value and len(value) < 16:
+        raise ValueError("must be empty or at least 16 characters (use 32+ random characters)")
+    return value
+
+
 _PARSERS: dict[type | str, Callable[[str], Any]] = {
     "bool": parse_bool,
     "int": _parse_non_negative(int),
     "float": _parse_non_negative(float),
     "port": _parse_port,
     "str": _parse_str,
+    "secret": _parse_secret,
     "list": parse_list,
 }
 
@@ -131,6 +139,14 @@ class Settings:
         "PROMETHEUS_MULTIPROC_DIR", "", "str",
         "Directory where gunicorn workers share /metrics (gunicorn.conf.py sets one up); "
         "empty = one process.")
+    cache_share_across_keys: bool = setting(
+        "CACHE_SHARE_ACROSS_KEYS", False, "bool",
+        "With no UPSTREAM_API_KEY, 1 lets clients with different API keys share one cache; "
+        "by default each client key gets its own partition.")
+    cache_key_secret: str = setting(
+        "CACHE_KEY_SECRET", "", "secret",
+        "Secret of the keyed hash that partitions the cache by client key; empty = generated "
+        "once and kept in <CACHE_DB_PATH>.secret (0600).")
 
 
 _FALLBACKS = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 from flask import Request, Response
@@ -21,6 +21,7 @@ from coalesce import Coalescer
 from config import Settings
 from errors import InvalidRequest, UpstreamFailed
 from metrics import RequestObserver
+from key_partition import ClientPartitions, KeySecretError
 from streaming import StreamCapture, error_event, replay
 from upstream import UpstreamClient, UpstreamStream, relayable_headers
 from wire import Endpoint, uncacheable_reason, wants_stream, wants_usage
@@ -91,6 +92,7 @@ class CompletionProxy:
         self.upstream = upstream
         self.coalescer = coalescer
         self.observer = RequestObserver()  # create_app puts its metrics.Monitor here
+        self.partitions = ClientPartitions(settings)
 
     # -- entry point ----------------------------------------------------------------------------
 
@@ -98,10 +100,7 @@ class CompletionProxy:
         body = parse_json_body(request)
         self.observer.request_body(body)
         endpoint.validate(body)
-        decision = decide(
-            self.settings, endpoint.mode, body,
-            bypass_header=switch_value(request.headers.get("X-Cache-Bypass", "0")),
-        )
+        decision = self._decide(endpoint, body, request)
         stream = wants_stream(body)
         if decision.read:
             entry = self._lookup(decision.key)
@@ -130,6 +129,26 @@ class CompletionProxy:
         finally:
             if flight is not None:
                 flight.release()
+
+    def _decide(self, endpoint: Endpoint, body: dict, request: Request) -> Decision:
+        """``decide`` for this client's partition of the cache; a BYPASS, with the reason, while
+        the database or the partition secret cannot be used."""
+        unavailable = None
+        try:
+            partition = self.partitions.partition_for(request.headers.get("Authorization"))
+        except KeySecretError as exc:
+            partition, unavailable = None, str(exc)
+        decision = decide(
+            self.settings, endpoint.mode, body,
+            bypass_header=switch_value(request.headers.get("X-Cache-Bypass", "0")),
+            partition=partition,
+        )
+        if decision.bypass:
+            return decision
+        unavailable = unavailable or self.store.unavailable_reason()
+        if unavailable:
+            return replace(decision, read=False, write=False, reason=f"cache unavailable: {unavailable}")
+        return decision
 
     # -- hits -----------------------------------------------------------------------------------
 
@@ -212,7 +231,7 @@ class CompletionProxy:
                                            **self.observer.entry_figures(data)))
         except StoreError as exc:
             log.warning("cache write failed: %s", exc)
-            return "skipped: cache write failed"
+            return f"skipped: cache write failed: {exc}"
 
     # -- streamed misses ------------------------------------------------------------------------
 

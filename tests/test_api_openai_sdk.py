@@ -20,7 +20,15 @@ def test_sdk__plain_call_miss_then_hit(openai_client, fake_upstream):
     assert fake_upstream.requests[0].headers["authorization"] == "Bearer sk-test-client"
 
 
-def test_sdk__with_raw_response_headers(openai_client, fake_upstream):
+@pytest.fixture
+def shared_client(start_proxy):
+    """A proxy holding its own upstream key: one shared cache with the original's keys."""
+    proxy = start_proxy(upstream_api_key="sk-upstream-test")
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-test-client", max_retries=0)
+
+
+def test_sdk__with_raw_response_headers(shared_client, fake_upstream):
+    openai_client = shared_client
     key = original_key("chat", {"model": "test/model-a", "messages": MESSAGES, "temperature": 0})
     raw = [openai_client.chat.completions.with_raw_response.create(
         model="test/model-a", messages=MESSAGES, temperature=0) for _ in range(2)]
@@ -56,7 +64,8 @@ def test_sdk__streamed_hit(openai_client, fake_upstream):
     assert len(fake_upstream.calls()) == 1
 
 
-def test_sdk__legacy_completions(openai_client, fake_upstream):
+def test_sdk__legacy_completions(shared_client, fake_upstream):
+    openai_client = shared_client
     raw = [openai_client.completions.with_raw_response.create(model="test/model-a", prompt="Say hello")
            for _ in range(2)]
     assert [r.headers["x-computer-use-cache"] for r in raw] == ["MISS", "HIT"]

@@ -128,8 +128,8 @@ def test_completions__unusable_database_still_answers(start_proxy, http, tmp_pat
     for _ in range(2):
         answer = http.post(proxy.url + "/v1/chat/completions", json=chat_body())
         assert answer.status_code == 200
-        assert answer.headers["X-Computer-Use-Cache"] == "MISS"
-        assert answer.headers["X-Computer-Use-Cache-Store"] == "skipped: cache write failed"
+        assert answer.headers["X-Computer-Use-Cache"] == "BYPASS"
+        assert answer.headers["X-Computer-Use-Cache-Bypass-Reason"].startswith("cache unavailable: ")
 
 
 def test_cache_stats__original_fields_count_entries_and_hits(start_proxy, http, tmp_path):

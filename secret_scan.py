@@ -1,0 +1,154 @@
+"""Does a request carry a credential? The check that keeps secrets out of the cache.
+
+Two kinds of evidence are searched for in the canonical request text:
+
+* the original server's labelled pattern (``api_key=...``, ``password: "..."``), unchanged, so
+  every request it refused to cache is still refused;
+* bare tokens whose shape gives them away without a label: provider API keys, cloud and SaaS
+  tokens, JWTs, ``Bearer`` credentials and PEM private key blocks.
+
+The scan runs on the request path of every cacheable request, and computer-use requests carry
+hundreds of kilobytes of base64 screenshots. So the payloads of base64 ``data:`` URLs are skipped
+(found with ``str.find``, not a regex), and each token pattern is only tried, anchored, where its
+literal prefix occurs. Every token must stand on its own (no letter, digit, ``_`` or ``-`` right
+before or after it), so a run of base64 or an identifier such as ``sk-learn`` is not a key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+# The original server's credential check: a label, optional spaces, ':' or '=', an optional quote
+# and a value of 8+ characters without quotes or spaces.
+CREDENTIAL_PATTERN = re.compile(
+    r"(?:api[_-]?key|secret|password|passwd|access[_-]?token|refresh[_-]?token|private[_-]?key)"
+    r"\s*[:=]\s*[\"']?[^\"'\s]{8,}",
+    re.IGNORECASE,
+)
+
+# The label pattern as the scan runs it: on lower-cased text without IGNORECASE, several times
+# faster on large bodies (lower() keeps every position and maps each character the
+# case-insensitive pattern accepts for a letter to that letter, except the three handled in
+# labelled_credential()). It also accepts a JSON-escaped quote before the value: the canonical
+# text of a prompt holding `password: "hunter2hunter2"` reads `password: \"hunter2...`, which
+# the original pattern missed.
+_LABEL_PATTERN = re.compile(
+    r"(?:api[_-]?key|secret|password|passwd|access[_-]?token|refresh[_-]?token|private[_-]?key)"
+    r"\s*[:=]\s*(?:\\?[\"'])?[^\"'\s]{8,}"
+)
+_LABEL_PATTERN_ANY_CASE = re.compile(_LABEL_PATTERN.pattern, re.IGNORECASE)
+_FOLDS_UNLIKE_LOWER = ("\u0130", "\u0131", "\u017f")  # İ, ı and ſ match i/s under IGNORECASE
+
+# A token starts where no token character precedes it, or right after a JSON escape such as
+# the \n of a line break in the canonical text.
+_BEFORE = r"(?:(?<![A-Za-z0-9_-])|(?<=\\[nrtbf]))"
+_AFTER = r"(?![A-Za-z0-9_-])"
+_ALNUM_RUN = re.compile(r"[A-Za-z0-9]+")
+
+
+@dataclass(frozen=True)
+class TokenKind:
+    """One shape of bare credential: where to look (literal prefixes) and what to match there."""
+
+    name: str
+    prefixes: tuple[str, ...]
+    pattern: re.Pattern[str]
+    # Extra test on the matched text, for shapes a regex alone states badly.
+    looks_random: Callable[[str], bool] = lambda token: True
+
+
+def _has_random_run(token: str) -> bool:
+    """A 16+ run of letters and digits holding a digit: true of every generated key, false of
+    identifiers such as sk-learn-model-selection or sk-internationalization."""
+    return any(len(run) >= 16 and any(c.isdigit() for c in run) for run in _ALNUM_RUN.findall(token))
+
+
+def _has_digit_and_letter(token: str) -> bool:
+    return any(c.isdigit() for c in token) and any(c.isalpha() for c in token)
+
+
+TOKEN_KINDS: tuple[TokenKind, ...] = (
+    # OpenAI (legacy sk-<48>, sk-proj-, sk-svcacct-, sk-admin-), OpenRouter (sk-or-v1-<64 hex>),
+    # Anthropic (sk-ant-api03-...) and the many providers that copied the sk- shape.
+    TokenKind("provider API key", ("sk-",), re.compile(
+        _BEFORE + r"sk-[A-Za-z0-9_-]{20,}" + _AFTER), _has_random_run),
+    TokenKind("AWS access key id", ("AKIA", "ASIA"), re.compile(
+        _BEFORE + r"(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])")),
+    TokenKind("GitHub token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), re.compile(
+        _BEFORE + r"gh[pousr]_[A-Za-z0-9]{30,}" + _AFTER)),
+    TokenKind("GitHub token", ("github_pat_",), re.compile(
+        _BEFORE + r"github_pat_[A-Za-z0-9_]{22,}" + _AFTER)),
+    TokenKind("Slack token", ("xoxb-", "xoxa-", "xoxp-", "xoxr-", "xoxs-"), re.compile(
+        _BEFORE + r"xox[baprs]-[A-Za-z0-9-]{10,}" + _AFTER), _has_digit_and_letter),
+    TokenKind("Google API key", ("AIza",), re.compile(
+        _BEFORE + r"AIza[0-9A-Za-z_-]{35}" + _AFTER)),
+    TokenKind("Stripe live key", ("sk_live_", "rk_live_"), re.compile(
+        _BEFORE + r"[sr]k_live_[0-9A-Za-z]{16,}" + _AFTER)),
+    # header.payload.signature, each base64url; the header is JSON, so it starts with eyJ ('{"').
+    TokenKind("JWT", ("eyJ",), re.compile(
+        _BEFORE + r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}" + _AFTER)),
+    # An RFC 6750 token of 16+ characters with a digit and a letter: "Bearer $TOKEN",
+    # "Bearer <token>" and "Bearer YOUR_API_KEY_HERE" are instructions, not credentials.
+    TokenKind("Bearer token", ("Bearer", "bearer", "BEARER"), re.compile(
+        r"(?:(?<![A-Za-z0-9_])|(?<=\\[nrtbf]))(?i:bearer)\s+([A-Za-z0-9._~+/-]{16,}=*)(?![A-Za-z0-9._~+/=-])"),
+        _has_digit_and_letter),
+    # The BEGIN line followed by key material: a question about the format is not a key.
+    TokenKind("PEM private key", ("-----BEGIN ",), re.compile(
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]{0,400}?[A-Za-z0-9+/]{40}")),
+)
+
+_BASE64_MARKER = ";base64,"
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]*")
+
+
+def without_base64_data(text: str) -> str:
+    """The text with the payload of every base64 data: URL (screenshots) left out.
+
+    Each payload becomes one space, so the text on either side cannot join into a token.
+    """
+    start = text.find(_BASE64_MARKER)
+    if start < 0:
+        return text
+    pieces = []
+    kept_from = 0
+    while start >= 0:
+        payload_start = start + len(_BASE64_MARKER)
+        payload_end = _BASE64_RUN.match(text, payload_start).end()
+        pieces.append(text[kept_from:payload_start])
+        kept_from = payload_end
+        start = text.find(_BASE64_MARKER, payload_end)
+    pieces.append(text[kept_from:])
+    return " ".join(pieces)
+
+
+def labelled_credential(text: str) -> bool:
+    """The original server's check (CREDENTIAL_PATTERN), also across a JSON-escaped quote."""
+    if any(char in text for char in _FOLDS_UNLIKE_LOWER):
+        return _LABEL_PATTERN_ANY_CASE.search(text) is not None
+    return _LABEL_PATTERN.search(text.lower()) is not None
+
+
+def find_secret_kind(text: str) -> str | None:
+    """The kind of the first credential found in text ("JWT", "labelled credential", ...).
+
+    Only the kind is returned, never the matched value, so callers may log it.
+    """
+    text = without_base64_data(text)
+    if labelled_credential(text):
+        return "labelled credential"
+    for kind in TOKEN_KINDS:
+        for prefix in kind.prefixes:
+            position = text.find(prefix)
+            while position >= 0:
+                match = kind.pattern.match(text, position)
+                if match is not None and kind.looks_random(match.group(match.lastindex or 0)):
+                    return kind.name
+                position = text.find(prefix, position + 1)
+    return None
+
+
+def contains_secret(text: str) -> bool:
+    """True when text appears to carry a credential of a kind this module knows."""
+    return find_secret_kind(text) is not None
