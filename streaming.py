@@ -14,7 +14,8 @@ import json
 from typing import Any, Iterator
 
 DONE_EVENT = b"data: [DONE]\n\n"
-_COMPACT = (",", ":")
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 # Top-level completion fields that are not repeated on every chunk: the rest (id, created, model,
 # system_fingerprint, service_tier, provider, ...) are. ``obfuscation`` is OpenAI's per-chunk padding.
@@ -35,13 +36,17 @@ _CHOICE_FIELDS = frozenset({"index", "message", "delta", "text", "logprobs", "fi
 _SET_ONCE_KEYS = frozenset({"index", "type", "id", "name", "format"})
 
 
-def sse_event(payload: Any) -> bytes:
+def json_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON, with one encoder made once (this runs for every replayed chunk)."""
     try:
-        data = json.dumps(payload, ensure_ascii=False, separators=_COMPACT).encode("utf-8")
+        return _ENCODER.encode(value).encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate (possible in stored JSON) cannot be UTF-8; \u escapes carry it exactly.
-        data = json.dumps(payload, separators=_COMPACT).encode("ascii")
-    return b"data: " + data + b"\n\n"
+        return _ASCII_ENCODER.encode(value).encode("ascii")
+
+
+def sse_event(payload: Any) -> bytes:
+    return b"data: " + json_bytes(payload) + b"\n\n"
 
 
 def error_event(message: str, type: str = "upstream_error", code: str = "upstream_stream_failed") -> bytes:
@@ -142,47 +147,50 @@ def _chat_opening(message: dict) -> dict:
     return opening
 
 
+class _ChunkFrame:
+    """The bytes of one chunk around its choice: the stored header fields (id, created, model,
+    ...) are encoded once per replay, not once per chunk."""
+
+    def __init__(self, completion: dict, object_name: str, include_usage: bool) -> None:
+        header = json_bytes(_chunk_header(completion, object_name))
+        self.prefix = b"data: " + header[:-1] + b',"choices":['
+        self.suffix = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+
+    def __call__(self, choice: dict) -> bytes:
+        return self.prefix + json_bytes(choice) + self.suffix
+
+    def usage(self, usage: Any) -> bytes:
+        return self.prefix + b'],"usage":' + json_bytes(usage) + b"}\n\n"
+
+
 def replay_chat(completion: dict, include_usage: bool) -> Iterator[bytes]:
-    header = _chunk_header(completion, "chat.completion.chunk")
-    usage_field = {"usage": None} if include_usage else {}
-
-    def chunk(index: int, delta: dict, logprobs: Any = None, finish_reason: Any = None,
-              extras: dict | None = None) -> bytes:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        if extras:
-            choice.update(extras)
-        return sse_event({**header, "choices": [choice], **usage_field})
-
+    frame = _ChunkFrame(completion, "chat.completion.chunk", include_usage)
     for index, choice in _sorted_choices(completion):
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         extras = _choice_extras(choice)
         # The SDKs take a choice's extra fields from its first chunk only.
-        yield chunk(index, _chat_opening(message), extras=extras)
+        yield frame({"index": index, "delta": _chat_opening(message), "logprobs": None,
+                     "finish_reason": None, **extras})
         for delta, logprobs in _chat_deltas(choice):
-            yield chunk(index, delta, logprobs)
-        yield chunk(index, {}, finish_reason=choice.get("finish_reason"), extras=extras)
+            yield frame({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None})
+        yield frame({"index": index, "delta": {}, "logprobs": None,
+                     "finish_reason": choice.get("finish_reason"), **extras})
     if include_usage and completion.get("usage") is not None:
-        yield sse_event({**header, "choices": [], "usage": completion["usage"]})
+        yield frame.usage(completion["usage"])
     yield DONE_EVENT
 
 
 def replay_text_completion(completion: dict, include_usage: bool) -> Iterator[bytes]:
-    header = _chunk_header(completion, "text_completion")
-    usage_field = {"usage": None} if include_usage else {}
+    frame = _ChunkFrame(completion, "text_completion", include_usage)
     for index, choice in _sorted_choices(completion):
         logprobs = choice.get("logprobs")
-        extras = _choice_extras(choice)
         for piece in split_text(choice.get("text") or ""):
-            yield sse_event({**header, "choices": [
-                {"text": piece, "index": index, "logprobs": logprobs, "finish_reason": None}
-            ], **usage_field})
+            yield frame({"text": piece, "index": index, "logprobs": logprobs, "finish_reason": None})
             logprobs = None
-        yield sse_event({**header, "choices": [
-            {"text": "", "index": index, "logprobs": logprobs, "finish_reason": choice.get("finish_reason"),
-             **extras}
-        ], **usage_field})
+        yield frame({"text": "", "index": index, "logprobs": logprobs,
+                     "finish_reason": choice.get("finish_reason"), **_choice_extras(choice)})
     if include_usage and completion.get("usage") is not None:
-        yield sse_event({**header, "choices": [], "usage": completion["usage"]})
+        yield frame.usage(completion["usage"])
     yield DONE_EVENT
 
 
