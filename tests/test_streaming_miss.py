@@ -191,3 +191,32 @@ def test_stream_miss__upstream_rejecting_stream_options_gets_the_clients_request
     hit = http.post(proxy.url + "/v1/chat/completions", json={**body, "stream": False})
     assert hit.headers["X-Computer-Use-Cache"] == "HIT"
     assert hit.json() == {k: v for k, v in completion.items() if k != "usage"}
+
+
+def test_stream_miss__events_split_across_reads_and_crlf_framing(proxy, fake_upstream, http):
+    """Upstream reads cut events (and a UTF-8 character) anywhere; CRLF framing is allowed by SSE."""
+    completion = chat_completion("Grüße 👋🏽 aus Zürich", id="chatcmpl-split")
+    frames = b"".join(
+        b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\r\n\r\n"
+        for chunk in chunks_from_completion(completion, include_usage=True)) + b"data: [DONE]\r\n\r\n"
+    cut = frames.index("👋".encode()) + 2  # inside the emoji's four bytes
+    pieces = [frames[:7], frames[7:cut], frames[cut:-3], frames[-3:]]
+    fake_upstream.enqueue(sse_reply(pieces, delay_between=0.02, done=False))
+    body = chat_body("Split me", stream=True)
+    miss = http.post(proxy.url + "/v1/chat/completions", json=body)
+    assert miss.content.replace(b"\r\n", b"\n").count(b"\n\ndata: ") >= 5
+    hit = http.post(proxy.url + "/v1/chat/completions", json={**body, "stream": False})
+    assert hit.headers["X-Computer-Use-Cache"] == "HIT"
+    assert hit.json() == completion
+
+
+def test_stream_miss__bypassed_stream_is_relayed_as_is_and_not_stored(proxy, fake_upstream, http):
+    completion = chat_completion("Not for the cache.", id="chatcmpl-bypass")
+    chunks = chunks_from_completion(completion)
+    fake_upstream.enqueue(sse_reply(chunks))
+    body = chat_body("Private", stream=True)
+    response = http.post(proxy.url + "/v1/chat/completions", json=body, headers={"X-Cache-Bypass": "1"})
+    assert response.headers["X-Computer-Use-Cache"] == "BYPASS"
+    assert [json.loads(p) for p in read_sse(response)[:-1]] == chunks
+    assert "stream_options" not in fake_upstream.calls()[0].json, "nothing to store, so no usage asked for"
+    assert proxy.store.get(response.headers["X-Computer-Use-Cache-Key"]) is None
