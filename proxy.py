@@ -296,8 +296,11 @@ class CompletionProxy:
             except UpstreamFailed as exc:
                 log.warning("upstream stream %s broke off: %s", decision.key[:12], exc.message)
                 out = capture.fail(exc.message, code=exc.code or "upstream_stream_failed")
+            except Exception:
+                log.exception("relaying stream %s failed", decision.key[:12])
+                out = capture.fail("The proxy failed while relaying the stream.", code="proxy_stream_failed")
             settle()
-            if not capture.done:
+            if decision.write and not capture.done:
                 log.info("stream %s not stored: it ended before [DONE]", decision.key[:12])
             if out:
                 yield out

@@ -111,8 +111,8 @@ def _chat_deltas(choice: dict) -> Iterator[tuple[dict, Any]]:
             yield {"function_call": {"arguments": piece}}, None
     for name, value in message.items():
         # Provider extras (annotations, audio, images...) arrive whole in one delta.
-        if name not in _MESSAGE_FIELDS_STREAMED and value is not None:
-            yield {name: value}, None
+        if name not in _MESSAGE_FIELDS_STREAMED and value is not None and value != "":
+            yield {name: value}, None  # (null and "" went in the opening delta)
 
 
 def _tool_call_deltas(position: int, call: Any) -> Iterator[tuple[dict, Any]]:

@@ -166,3 +166,17 @@ def test_stream_fault__upstream_stalling_past_the_deadline_ends_with_an_error_ev
     assert json.loads(payloads[-1])["error"]["code"] == "upstream_timeout"
     assert not _is_stored(proxy, response.headers["X-Computer-Use-Cache-Key"])
     assert fake_upstream.wait_for_disconnect(timeout=2.0)
+
+
+@pytest.mark.parametrize("reply", [error_reply(429, "Slow down"), raw_reply("<html>busy</html>", content_type="text/html"),
+                                   truncated_sse_reply(CHUNKS[:2])], ids=["429", "not_sse", "truncated"])
+def test_stream_fault__a_failed_stream_lets_the_next_identical_request_through(reply, proxy, fake_upstream, http):
+    """The coalescing flight of a failed stream is released: a repeat goes upstream at once."""
+    fake_upstream.enqueue(reply)
+    body = chat_body("Fail then retry")
+    _post_stream(http, proxy, body)
+    fake_upstream.enqueue(sse_reply(CHUNKS))
+    retry = http.post(proxy.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=3)
+    assert retry.headers["X-Computer-Use-Cache"] == "MISS"
+    assert read_sse(retry)[-1] == "[DONE]"
+    assert len(fake_upstream.calls()) == 2
