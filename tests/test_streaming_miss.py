@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
+import requests
 from fake_upstream import (BASE_CREATED, chat_completion, chunks_from_completion, error_reply, sse_reply)
 from helpers import chat_body, completion_body
 from streaming_checks import accumulate_chat_chunks, assert_matches, read_sse, sse_comments
@@ -220,3 +222,31 @@ def test_stream_miss__bypassed_stream_is_relayed_as_is_and_not_stored(proxy, fak
     assert [json.loads(p) for p in read_sse(response)[:-1]] == chunks
     assert "stream_options" not in fake_upstream.calls()[0].json, "nothing to store, so no usage asked for"
     assert proxy.store.get(response.headers["X-Computer-Use-Cache-Key"]) is None
+
+
+def test_stream_miss__identical_request_waiting_on_a_streamed_miss_gets_the_stored_answer(
+        proxy, fake_upstream, http):
+    """The stored stream releases its waiting twins: one upstream call, the twin replays the answer."""
+    completion = chat_completion("Only one of us pays for this answer.", id="chatcmpl-twin")
+    fake_upstream.enqueue(sse_reply(chunks_from_completion(completion, include_usage=True), delay_between=0.1))
+    body = chat_body("Twins", stream=True)
+    results = {}
+
+    def twin() -> None:
+        results["twin"] = http_twin.post(proxy.url + "/v1/chat/completions", json=body, timeout=10)
+
+    with requests.Session() as http_twin:
+        leader = http.post(proxy.url + "/v1/chat/completions", json=body, stream=True)
+        pieces = leader.iter_content(chunk_size=None)
+        assert b"assistant" in next(pieces)
+        thread = threading.Thread(target=twin)
+        thread.start()
+        rest = b"".join(pieces)
+        thread.join(10)
+    assert leader.headers["X-Computer-Use-Cache"] == "MISS" and rest.endswith(b"data: [DONE]\n\n")
+    twin_response = results["twin"]
+    assert twin_response.headers["X-Computer-Use-Cache"] == "HIT"
+    assert twin_response.headers["X-Computer-Use-Cache-Coalesced"] == "true", "it waited for the stream"
+    assert_matches({k: v for k, v in completion.items() if k != "usage"},
+                   accumulate_chat_chunks([json.loads(p) for p in read_sse(twin_response)[:-1]]))
+    assert len(fake_upstream.calls()) == 1
