@@ -250,3 +250,13 @@ def test_stream_miss__identical_request_waiting_on_a_streamed_miss_gets_the_stor
     assert_matches({k: v for k, v in completion.items() if k != "usage"},
                    accumulate_chat_chunks([json.loads(p) for p in read_sse(twin_response)[:-1]]))
     assert len(fake_upstream.calls()) == 1
+
+
+def test_stream_miss__done_without_a_final_blank_line_still_counts(proxy, fake_upstream, http):
+    completion = chat_completion("Terse server.", id="chatcmpl-terse")
+    chunks = chunks_from_completion(completion, include_usage=True)
+    fake_upstream.enqueue(sse_reply([*chunks, b"data: [DONE]"], done=False))
+    body = chat_body("Terse", stream=True)
+    response = http.post(proxy.url + "/v1/chat/completions", json=body)
+    assert read_sse(response)[-1] == "[DONE]" and b'"error"' not in response.content
+    assert http.post(proxy.url + "/v1/chat/completions", json={**body, "stream": False}).json() == completion
