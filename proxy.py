@@ -20,9 +20,9 @@ from cache_store import CachedEntry, NewEntry, SQLiteStore, StoreError
 from coalesce import Coalescer
 from config import Settings
 from errors import InvalidRequest, UpstreamFailed
-from metrics import RequestObserver
 from key_partition import ClientPartitions, KeySecretError
-from streaming import StreamCapture, error_event, replay
+from metrics import RequestObserver
+from streaming import StreamCapture, expected_choice_count, replay
 from upstream import UpstreamClient, UpstreamStream, relayable_headers
 from wire import Endpoint, uncacheable_reason, wants_stream, wants_usage
 
@@ -237,17 +237,31 @@ class CompletionProxy:
 
     def _forward_stream(self, endpoint: Endpoint, body: dict, request: Request, decision: Decision,
                         flight) -> Response:
+        """A streamed miss: relayed event by event as it arrives, stored once it proved whole.
+
+        Headers leave before the body, so they say MISS (with the key); the store outcome is
+        logged. The upstream connection and the coalescing flight are released by ``_Cleanup``
+        whoever ends first: the stream, an error here, or the client hanging up.
+        """
         cleanup = _Cleanup(flight)
+        handed_over = False
         try:
-            client_wants_usage = wants_usage(body)
-            # To store usage with the answer, ask for it; the usage chunk is then kept from a
-            # client that did not ask for it.
-            extra = None
-            if decision.write and not client_wants_usage:
-                extra = {"stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-            upstream = self.upstream.open("POST", endpoint.upstream_path, request.headers,
-                                          self._upstream_body(request, body, extra))
+            # To store usage with the answer the proxy asks for it; a client that did not ask
+            # never sees it (StreamCapture takes it out again).
+            ask_usage = decision.write and not wants_usage(body)
+            upstream = self._open_stream(endpoint, body, request, ask_usage)
             cleanup.stream = upstream
+            if ask_usage and upstream.status == 400:
+                error = upstream.read_all()
+                if b"stream_options" not in error:
+                    return self._relay(error, upstream.status, relayable_headers(upstream.headers),
+                                       Outcome("BYPASS", decision.key, reason="upstream returned an error"))
+                # An upstream that rejects stream_options gets the client's own request instead.
+                log.info("upstream rejected stream_options; asking again without it")
+                cleanup.close_stream()
+                ask_usage = False
+                upstream = self._open_stream(endpoint, body, request, ask_usage)
+                cleanup.stream = upstream
             passthrough = relayable_headers(upstream.headers)
             if not 200 <= upstream.status < 300:
                 outcome = Outcome("BYPASS", decision.key, reason="upstream returned an error")
@@ -255,38 +269,67 @@ class CompletionProxy:
             if "text/event-stream" not in upstream.content_type:
                 outcome = Outcome("BYPASS", decision.key, reason="upstream did not answer with a stream")
                 return self._relay(upstream.read_all(), upstream.status, passthrough, outcome)
-        except BaseException:
-            cleanup()
-            raise
-        outcome = self._initial_outcome(decision)
-        passthrough.pop("Content-Type", None)
-        passthrough.pop("content-type", None)
-        events = self._relay_stream(endpoint, body, decision, upstream, extra is not None, cleanup)
-        response = Response(events, status=upstream.status, mimetype="text/event-stream",
-                            headers={**passthrough, **SSE_HEADERS, **outcome.headers()})
-        # Runs even when the body is never iterated (the client left before the first byte).
-        response.call_on_close(cleanup)
-        return response
+            passthrough = {k: v for k, v in passthrough.items() if k.lower() != "content-type"}
+            events = self._relay_stream(endpoint, body, decision, upstream, ask_usage, cleanup)
+            response = Response(events, status=upstream.status, mimetype="text/event-stream",
+                                headers={**passthrough, **SSE_HEADERS,
+                                         **self._initial_outcome(decision).headers()})
+            # Runs even when the body is never iterated (the client left before the first byte).
+            response.call_on_close(cleanup)
+            handed_over = True
+            return response
+        finally:
+            if not handed_over:
+                cleanup()
+
+    def _open_stream(self, endpoint: Endpoint, body: dict, request: Request, ask_usage: bool) -> UpstreamStream:
+        extra = None
+        if ask_usage:
+            extra = {"stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        return self.upstream.open("POST", endpoint.upstream_path, request.headers,
+                                  self._upstream_body(request, body, extra))
 
     def _relay_stream(self, endpoint: Endpoint, body: dict, decision: Decision,
                       upstream: UpstreamStream, drop_usage_chunk: bool, cleanup: "_Cleanup") -> Iterator[bytes]:
+        """Each upstream piece goes to the client at once; the answer is stored when [DONE] arrives,
+        before [DONE] itself is sent, so a client that asks again right away gets a hit."""
         capture = StreamCapture(endpoint.mode, drop_usage_chunk=drop_usage_chunk)
-        stored = False
+        settled = False
+
+        def settle() -> None:
+            nonlocal settled
+            if capture.done and not settled:
+                settled = True
+                if decision.write:
+                    try:
+                        self._store_stream(endpoint, body, decision, capture)
+                    except Exception:  # the client's stream must not die for the cache's sake
+                        log.exception("stream %s not stored: storing failed", decision.key[:12])
+                cleanup.release_flight()
+
         try:
-            for piece in upstream.iter_bytes():
-                out = capture.feed(piece)
-                if decision.write and not stored and capture.done:
-                    stored = True
-                    self._store_stream(endpoint, body, decision, capture)
-                    cleanup.release_flight()
-                if out:
-                    yield out
-            tail = capture.leftover()
-            if tail:
-                yield tail
-        except UpstreamFailed as exc:
-            log.warning("upstream stream for %s broke off: %s", decision.key[:12], exc.message)
-            yield error_event(exc.message, code=exc.code or "upstream_request_failed")
+            try:
+                for piece in upstream.iter_bytes():
+                    out = capture.feed(piece)
+                    settle()
+                    if out:
+                        yield out
+                out = capture.finish()
+            except UpstreamFailed as exc:
+                log.warning("upstream stream %s broke off: %s", decision.key[:12], exc.message)
+                out = capture.fail(exc.message, code=exc.code or "upstream_stream_failed")
+            except Exception:
+                log.exception("relaying stream %s failed", decision.key[:12])
+                out = capture.fail("The proxy failed while relaying the stream.", code="proxy_stream_failed")
+            settle()
+            if decision.write and not capture.done:
+                log.info("stream %s not stored: it ended before [DONE]", decision.key[:12])
+            if out:
+                yield out
+        except GeneratorExit:
+            if not settled:
+                log.info("client left stream %s early: upstream closed, nothing stored", decision.key[:12])
+            raise
         finally:
             cleanup()
 
@@ -296,7 +339,16 @@ class CompletionProxy:
         if completion is None:
             log.info("stream %s not stored: incomplete or carried an error", decision.key[:12])
             return
+        expected = expected_choice_count(endpoint.mode, body)
+        if expected is not None and len(completion["choices"]) != expected:
+            log.info("stream %s not stored: %d choices, the request asked for %d", decision.key[:12],
+                     len(completion["choices"]), expected)
+            return
         text = json.dumps(completion, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a \u escape: keep it escaped
+            text = json.dumps(completion)
         outcome = self._store(endpoint, body, decision, completion, text)
         log.info("stream %s store: %s", decision.key[:12], outcome)
 
@@ -326,8 +378,11 @@ class _Cleanup:
         if flight is not None:
             flight.release()
 
-    def __call__(self) -> None:
+    def close_stream(self) -> None:
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close()
+
+    def __call__(self) -> None:
+        self.close_stream()
         self.release_flight()

@@ -3,7 +3,9 @@
 ``replay`` turns one stored completion into the chunk stream an official SDK accumulates back into
 exactly that completion. ``StreamCapture`` passes a live upstream stream through event by event
 while assembling the completion to store, and knows whether the stream ended cleanly.
-See ../shared/WIRE.md for the formats.
+See ../shared/WIRE.md for the formats; the accumulation rules mirror the openai SDKs'
+(``openai/lib/streaming/chat/_completions.py``): strings are concatenated, so anything sent twice
+(``role``, a tool call's ``id`` or ``name``) would come back doubled.
 """
 
 from __future__ import annotations
@@ -12,18 +14,39 @@ import json
 from typing import Any, Iterator
 
 DONE_EVENT = b"data: [DONE]\n\n"
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
-# Fields every chunk repeats from the stored completion when present.
-_CHUNK_HEADER_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier", "provider")
+# Top-level completion fields that are not repeated on every chunk: the rest (id, created, model,
+# system_fingerprint, service_tier, provider, ...) are. ``obfuscation`` is OpenAI's per-chunk padding.
+_NOT_CHUNK_HEADER = frozenset({"object", "choices", "usage", "obfuscation"})
 
 # Replayed text is cut into at most this many pieces: enough to look like a stream, few enough
 # to stay cheap. A client cannot tell, since accumulation concatenates them.
 _MAX_PIECES = 8
 _MIN_PIECE_CHARS = 16
 
+# Message fields replay sends in pieces (in this order: providers stream reasoning first).
+_TEXT_FIELDS = ("reasoning", "content", "refusal")
+_MESSAGE_FIELDS_STREAMED = frozenset({"role", "tool_calls", "function_call", "reasoning_details",
+                                      *_TEXT_FIELDS})
+# Choice fields that are not "extras" riding along with a choice (native_finish_reason is one).
+_CHOICE_FIELDS = frozenset({"index", "message", "delta", "text", "logprobs", "finish_reason"})
+# Inside merged objects (tool calls, reasoning_details, audio) these strings name, they don't grow.
+_SET_ONCE_KEYS = frozenset({"index", "type", "id", "name", "format"})
+
+
+def json_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON, with one encoder made once (this runs for every replayed chunk)."""
+    try:
+        return _ENCODER.encode(value).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (possible in stored JSON) cannot be UTF-8; \u escapes carry it exactly.
+        return _ASCII_ENCODER.encode(value).encode("ascii")
+
 
 def sse_event(payload: Any) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n\n"
+    return b"data: " + json_bytes(payload) + b"\n\n"
 
 
 def error_event(message: str, type: str = "upstream_error", code: str = "upstream_stream_failed") -> bytes:
@@ -39,120 +62,221 @@ def split_text(text: str) -> list[str]:
 
 def _chunk_header(completion: dict, object_name: str) -> dict:
     header = {"id": completion.get("id"), "object": object_name}
-    for name in _CHUNK_HEADER_FIELDS[1:]:
-        if name in completion:
-            header[name] = completion[name]
+    header.update((name, value) for name, value in completion.items()
+                  if name not in _NOT_CHUNK_HEADER and name != "id")
     return header
 
 
-def _chat_deltas(choice: dict) -> Iterator[tuple[dict, dict]]:
-    """(delta, extra choice fields) pairs that rebuild one stored chat choice."""
+def _choice_extras(choice: dict) -> dict:
+    """Provider fields on a choice (OpenRouter's native_finish_reason)."""
+    return {name: value for name, value in choice.items() if name not in _CHOICE_FIELDS}
+
+
+def _sorted_choices(completion: dict) -> list[tuple[int, dict]]:
+    choices = [choice for choice in completion.get("choices") or [] if isinstance(choice, dict)]
+    numbered = [(choice.get("index", position), choice) for position, choice in enumerate(choices)]
+    return sorted(numbered, key=lambda item: item[0] if isinstance(item[0], int) else 0)
+
+
+# -- replaying a stored completion --------------------------------------------------------------
+
+
+def _chat_deltas(choice: dict) -> Iterator[tuple[dict, Any]]:
+    """(delta, logprobs) pairs after the opening delta that rebuild one stored chat choice.
+
+    Logprobs ride on the first text piece, never on a choice's first chunk: the Python SDK copies
+    the first chunk's logprobs AND appends them again for a choice that is not in the first chunk.
+    """
     message = choice.get("message") or {}
-    content = message.get("content")
-    refusal = message.get("refusal")
-    tool_calls = message.get("tool_calls") or []
     logprobs = choice.get("logprobs")
-
-    opening: dict[str, Any] = {"role": message.get("role") or "assistant",
-                               "content": "" if isinstance(content, str) else None}
-    if refusal is not None:
-        opening["refusal"] = ""
-    yield opening, {}
-
-    pending_logprobs = {"logprobs": logprobs} if logprobs is not None else {}
-    if isinstance(message.get("reasoning"), str):
-        for piece in split_text(message["reasoning"]):
-            yield {"reasoning": piece}, {}
-    if message.get("reasoning_details"):
-        yield {"reasoning_details": message["reasoning_details"]}, {}
-    for name in ("content", "refusal"):
+    if message.get("reasoning_details") is not None:
+        yield {"reasoning_details": message["reasoning_details"]}, None
+    for name in _TEXT_FIELDS:
         value = message.get(name)
-        if isinstance(value, str):
-            for piece in split_text(value):
-                yield {name: piece}, pending_logprobs
-                pending_logprobs = {}
-    if pending_logprobs:
-        yield {}, pending_logprobs
-    for position, call in enumerate(tool_calls):
-        index = call.get("index", position)
-        function = call.get("function") or {}
-        opening_call = {"index": index, "id": call.get("id"), "type": call.get("type", "function"),
-                        "function": {"name": function.get("name"), "arguments": ""}}
-        yield {"tool_calls": [opening_call]}, {}
-        for piece in split_text(function.get("arguments") or ""):
-            yield {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}, {}
+        for piece in split_text(value) if isinstance(value, str) else ():
+            if name == "reasoning":
+                yield {name: piece}, None
+            else:
+                yield {name: piece}, logprobs
+                logprobs = None
+    if logprobs is not None:
+        yield {}, logprobs
+    tool_calls = message.get("tool_calls")
+    for position, call in enumerate(tool_calls if isinstance(tool_calls, list) else []):
+        yield from _tool_call_deltas(position, call)
     function_call = message.get("function_call")
     if isinstance(function_call, dict):
-        yield {"function_call": {"name": function_call.get("name"), "arguments": ""}}, {}
+        yield {"function_call": {"name": function_call.get("name"), "arguments": ""}}, None
         for piece in split_text(function_call.get("arguments") or ""):
-            yield {"function_call": {"arguments": piece}}, {}
+            yield {"function_call": {"arguments": piece}}, None
     for name, value in message.items():
-        # Provider extras (audio, annotations, images...) arrive whole in one delta.
-        if name not in _CHAT_MESSAGE_STREAMED and value is not None:
-            yield {name: value}, {}
+        # Provider extras (annotations, audio, images...) arrive whole in one delta.
+        if name not in _MESSAGE_FIELDS_STREAMED and value is not None and value != "":
+            yield {name: value}, None  # (null and "" went in the opening delta)
 
 
-_CHAT_MESSAGE_STREAMED = {"role", "content", "refusal", "tool_calls", "function_call", "reasoning",
-                          "reasoning_details"}
+def _tool_call_deltas(position: int, call: Any) -> Iterator[tuple[dict, Any]]:
+    """One opening delta (index, id, type, name, empty arguments), then argument pieces only.
+
+    The wire index is the call's position: the SDKs accumulate into ``tool_calls[index]``.
+    """
+    if not isinstance(call, dict):
+        return
+    function = call.get("function")
+    if call.get("type", "function") != "function" or not isinstance(function, dict):
+        yield {"tool_calls": [{**call, "index": position}]}, None  # custom tools: whole, once
+        return
+    opening = {"index": position, "id": call.get("id"), "type": "function",
+               "function": {"name": function.get("name"), "arguments": ""}}
+    opening.update((k, v) for k, v in call.items() if k not in ("index", "id", "type", "function"))
+    yield {"tool_calls": [opening]}, None
+    for piece in split_text(function.get("arguments") or ""):
+        yield {"tool_calls": [{"index": position, "function": {"arguments": piece}}]}, None
 
 
-def _finish_fields(choice: dict) -> dict:
-    fields = {"finish_reason": choice.get("finish_reason")}
-    if "native_finish_reason" in choice:
-        fields["native_finish_reason"] = choice["native_finish_reason"]
-    return fields
+def _chat_opening(message: dict) -> dict:
+    """role (once), the content seed, and every field the stored message has as null or ""."""
+    content = message.get("content")
+    opening: dict[str, Any] = {"role": message.get("role") or "assistant",
+                               "content": "" if isinstance(content, str) else None}
+    if isinstance(message.get("refusal"), str):
+        opening["refusal"] = ""
+    for name, value in message.items():
+        if name not in opening and (value is None or value == ""):
+            opening[name] = value
+    return opening
+
+
+class _ChunkFrame:
+    """The bytes of one chunk around its choice: the stored header fields (id, created, model,
+    ...) are encoded once per replay, not once per chunk."""
+
+    def __init__(self, completion: dict, object_name: str, include_usage: bool) -> None:
+        header = json_bytes(_chunk_header(completion, object_name))
+        self.prefix = b"data: " + header[:-1] + b',"choices":['
+        self.suffix = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+
+    def __call__(self, choice: dict) -> bytes:
+        return self.prefix + json_bytes(choice) + self.suffix
+
+    def usage(self, usage: Any) -> bytes:
+        return self.prefix + b'],"usage":' + json_bytes(usage) + b"}\n\n"
 
 
 def replay_chat(completion: dict, include_usage: bool) -> Iterator[bytes]:
-    header = _chunk_header(completion, "chat.completion.chunk")
-    usage_field = {"usage": None} if include_usage else {}
-
-    def chunk(index: int, delta: dict, extra: dict, finish: dict | None = None) -> bytes:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-        choice.update(extra)
-        if finish:
-            choice.update(finish)
-        return sse_event({**header, "choices": [choice], **usage_field})
-
-    choices = sorted(completion.get("choices") or [], key=lambda c: c.get("index", 0))
-    for position, choice in enumerate(choices):
-        index = choice.get("index", position)
-        for delta, extra in _chat_deltas(choice):
-            yield chunk(index, delta, extra)
-        yield chunk(index, {}, {}, _finish_fields(choice))
+    frame = _ChunkFrame(completion, "chat.completion.chunk", include_usage)
+    for index, choice in _sorted_choices(completion):
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        extras = _choice_extras(choice)
+        # The SDKs take a choice's extra fields from its first chunk only.
+        yield frame({"index": index, "delta": _chat_opening(message), "logprobs": None,
+                     "finish_reason": None, **extras})
+        for delta, logprobs in _chat_deltas(choice):
+            yield frame({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None})
+        yield frame({"index": index, "delta": {}, "logprobs": None,
+                     "finish_reason": choice.get("finish_reason"), **extras})
     if include_usage and completion.get("usage") is not None:
-        yield sse_event({**header, "choices": [], "usage": completion["usage"]})
+        yield frame.usage(completion["usage"])
     yield DONE_EVENT
 
 
 def replay_text_completion(completion: dict, include_usage: bool) -> Iterator[bytes]:
-    header = _chunk_header(completion, "text_completion")
-    usage_field = {"usage": None} if include_usage else {}
-    choices = sorted(completion.get("choices") or [], key=lambda c: c.get("index", 0))
-    for position, choice in enumerate(choices):
-        index = choice.get("index", position)
+    frame = _ChunkFrame(completion, "text_completion", include_usage)
+    for index, choice in _sorted_choices(completion):
         logprobs = choice.get("logprobs")
         for piece in split_text(choice.get("text") or ""):
-            yield sse_event({**header, "choices": [
-                {"text": piece, "index": index, "logprobs": logprobs, "finish_reason": None}
-            ], **usage_field})
+            yield frame({"text": piece, "index": index, "logprobs": logprobs, "finish_reason": None})
             logprobs = None
-        yield sse_event({**header, "choices": [
-            {"text": "", "index": index, "logprobs": logprobs, **_finish_fields(choice)}
-        ], **usage_field})
+        yield frame({"text": "", "index": index, "logprobs": logprobs,
+                     "finish_reason": choice.get("finish_reason"), **_choice_extras(choice)})
     if include_usage and completion.get("usage") is not None:
-        yield sse_event({**header, "choices": [], "usage": completion["usage"]})
+        yield frame.usage(completion["usage"])
     yield DONE_EVENT
 
 
 def replay(mode: str, completion: dict, include_usage: bool) -> Iterator[bytes]:
-    """The SSE byte stream that rebuilds ``completion`` in any official client."""
+    """The SSE byte stream that rebuilds ``completion`` in any official client.
+
+    Chat: per choice, in ascending index order, an opening chunk with the role, text in a handful of
+    pieces, each tool call opened once then argument pieces, a finish chunk; then the usage chunk
+    only when ``include_usage``; then ``[DONE]``. Legacy completions the same with ``text`` pieces.
+    """
     if mode == "completion":
         return replay_text_completion(completion, include_usage)
     return replay_chat(completion, include_usage)
 
 
 # -- capturing a live stream ------------------------------------------------------------------
+
+
+def expected_choice_count(mode: str, body: dict) -> int | None:
+    """How many choices a whole answer to ``body`` has (``n`` per prompt), None when unsure."""
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return None
+    if mode == "chat":
+        return n
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+        return n
+    if isinstance(prompt, list) and all(isinstance(item, (str, list)) for item in prompt):
+        return n * len(prompt)
+    return None
+
+
+def merge_piece(target: dict, piece: dict) -> None:
+    """Folds a delta object into ``target``: strings grow (except names and ids), lists of
+    indexed objects merge by ``index``, other lists extend, objects merge, other values replace."""
+    for name, value in piece.items():
+        current = target.get(name)
+        if value is None:
+            target.setdefault(name, None)
+        elif current is None:
+            target[name] = _fresh(value)
+        elif name in _SET_ONCE_KEYS:
+            continue
+        elif isinstance(current, str) and isinstance(value, str):
+            target[name] = current + value
+        elif isinstance(current, dict) and isinstance(value, dict):
+            merge_piece(current, value)
+        elif isinstance(current, list) and isinstance(value, list):
+            _merge_list(current, value)
+        else:
+            target[name] = value
+
+
+def _fresh(value: Any) -> Any:
+    """A copy that later merges may change without touching the chunk it came from."""
+    if isinstance(value, dict):
+        return {name: _fresh(item) for name, item in value.items()}
+    if isinstance(value, list):
+        if _indexed(value):
+            merged: list = []
+            _merge_list(merged, value)
+            return merged
+        return [_fresh(item) for item in value]
+    return value
+
+
+def _indexed(items: list) -> bool:
+    return any(isinstance(item, dict) and isinstance(item.get("index"), int) for item in items)
+
+
+def _merge_list(current: list, items: list) -> None:
+    if not _indexed(items):
+        current.extend(_fresh(item) for item in items)
+        return
+    by_index = {entry.get("index"): entry for entry in current if isinstance(entry, dict)}
+    for item in items:
+        existing = by_index.get(item.get("index")) if isinstance(item, dict) else None
+        if existing is None:
+            current.append(_fresh(item))
+            if isinstance(item, dict):
+                by_index[item.get("index")] = current[-1]
+        else:
+            merge_piece(existing, item)
 
 
 class ChatAssembler:
@@ -166,94 +290,89 @@ class ChatAssembler:
         self.usage: Any = None
 
     def add(self, chunk: dict) -> None:
-        for name in _CHUNK_HEADER_FIELDS:
-            if chunk.get(name) is not None:
-                self.top[name] = chunk[name]
+        for name, value in chunk.items():
+            if name not in _NOT_CHUNK_HEADER and (value is not None or name not in self.top):
+                self.top[name] = value
         if chunk.get("usage") is not None:
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
-            self._add_choice(choice)
+        choices = chunk.get("choices")
+        if choices is None:
+            return
+        if not isinstance(choices, list):
+            raise ValueError("choices is not a list")
+        for piece in choices:
+            index = piece.get("index", 0)
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise ValueError("a choice index is not a whole number")
+            self._add_choice(index, piece)
 
-    def _choice(self, index: int) -> dict:
-        if index not in self.choices:
-            self.choices[index] = {"index": index, "message": {"role": "assistant", "content": None,
-                                                               "refusal": None},
-                                   "logprobs": None, "finish_reason": None}
-        return self.choices[index]
+    def _new_choice(self, index: int) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": None, "refusal": None},
+                "logprobs": None, "finish_reason": None}
 
-    def _add_choice(self, piece: dict) -> None:
-        choice = self._choice(piece.get("index", 0))
+    def _add_choice(self, index: int, piece: dict) -> None:
+        choice = self.choices.get(index)
+        if choice is None:
+            choice = self.choices[index] = self._new_choice(index)
         message = choice["message"]
         delta = piece.get("delta") or {}
         for name, value in delta.items():
-            if value is None:
-                continue
             if name == "role":
-                message["role"] = value
+                if value:
+                    message["role"] = value
             elif name == "tool_calls":
-                self._add_tool_calls(message, value)
-            elif name == "function_call":
-                call = message.setdefault("function_call", {"name": None, "arguments": ""})
-                if value.get("name"):
-                    call["name"] = call["name"] or value["name"]
-                call["arguments"] += value.get("arguments") or ""
-            elif isinstance(value, str):
-                message[name] = (message.get(name) or "") + value
-            elif isinstance(value, list):
-                message.setdefault(name, []).extend(value)
+                if value is not None:
+                    self._add_tool_calls(message, value)
+                else:
+                    message.setdefault(name, None)
             else:
-                message[name] = value
-        logprobs = piece.get("logprobs")
+                merge_piece(message, {name: value})
+        self._add_logprobs(choice, piece.get("logprobs"))
+        self._add_choice_fields(choice, piece)
+
+    @staticmethod
+    def _add_logprobs(choice: dict, logprobs: Any) -> None:
         if isinstance(logprobs, dict):
-            merged = choice["logprobs"] or {"content": None, "refusal": None}
+            merged = choice["logprobs"] or {name: None for name in logprobs}
             for name, items in logprobs.items():
                 if isinstance(items, list):
                     merged[name] = (merged.get(name) or []) + items
+                elif name not in merged:
+                    merged[name] = items
             choice["logprobs"] = merged
+
+    @staticmethod
+    def _add_choice_fields(choice: dict, piece: dict) -> None:
+        for name, value in piece.items():
+            if name not in _CHOICE_FIELDS and (value is not None or name not in choice):
+                choice[name] = value
         if piece.get("finish_reason") is not None:
             choice["finish_reason"] = piece["finish_reason"]
-        if piece.get("native_finish_reason") is not None:
-            choice["native_finish_reason"] = piece["native_finish_reason"]
 
     @staticmethod
     def _add_tool_calls(message: dict, deltas: list) -> None:
-        calls = message.setdefault("tool_calls", [])
-        by_index = {call["index"]: call for call in calls}
+        calls = message.get("tool_calls")
+        if calls is None:
+            calls = message["tool_calls"] = []
         for delta in deltas:
-            index = delta.get("index", 0)
-            call = by_index.get(index)
-            if call is None:
-                call = {"index": index, "id": None, "type": "function",
-                        "function": {"name": None, "arguments": ""}}
-                calls.append(call)
-                by_index[index] = call
-            if delta.get("id"):
-                call["id"] = call["id"] or delta["id"]
-            if delta.get("type"):
-                call["type"] = delta["type"]
-            function = delta.get("function") or {}
-            if function.get("name"):
-                call["function"]["name"] = call["function"]["name"] or function["name"]
-            call["function"]["arguments"] += function.get("arguments") or ""
+            index = delta.get("index")
+            if not isinstance(index, int):
+                # Some providers omit the index and send each call whole: a new id is a new call.
+                same = calls and (not delta.get("id") or calls[-1].get("id") == delta.get("id"))
+                index = len(calls) - 1 if same else len(calls)
+            while len(calls) <= index:
+                calls.append({"id": None, "type": "function", "function": {"name": None, "arguments": ""}})
+            merge_piece(calls[index], {k: v for k, v in delta.items() if k != "index"})
 
     def complete(self) -> bool:
-        return bool(self.choices) and all(c["finish_reason"] is not None for c in self.choices.values())
+        """Every choice 0..n-1 is there and finished."""
+        return (bool(self.choices) and sorted(self.choices) == list(range(len(self.choices)))
+                and all(choice["finish_reason"] is not None for choice in self.choices.values()))
 
     def result(self) -> dict:
         completion: dict[str, Any] = {"id": self.top.get("id"), "object": self.object_name}
-        completion.update({k: v for k, v in self.top.items() if k != "id"})
-        choices = []
-        for index in sorted(self.choices):
-            choice = self.choices[index]
-            calls = choice["message"].get("tool_calls")
-            if calls:
-                # The index only orders deltas on the wire; a whole message does not carry it.
-                choice["message"]["tool_calls"] = [
-                    {k: v for k, v in call.items() if k != "index"}
-                    for call in sorted(calls, key=lambda c: c["index"])
-                ]
-            choices.append(choice)
-        completion["choices"] = choices
+        completion.update((k, v) for k, v in self.top.items() if k != "id")
+        completion["choices"] = [self.choices[index] for index in sorted(self.choices)]
         if self.usage is not None:
             completion["usage"] = self.usage
         return completion
@@ -264,67 +383,63 @@ class TextCompletionAssembler(ChatAssembler):
 
     object_name = "text_completion"
 
-    def _choice(self, index: int) -> dict:
-        if index not in self.choices:
-            self.choices[index] = {"text": "", "index": index, "logprobs": None, "finish_reason": None}
-        return self.choices[index]
+    def _new_choice(self, index: int) -> dict:
+        return {"text": "", "index": index, "logprobs": None, "finish_reason": None}
 
-    def _add_choice(self, piece: dict) -> None:
-        choice = self._choice(piece.get("index", 0))
-        choice["text"] += piece.get("text") or ""
-        logprobs = piece.get("logprobs")
-        if isinstance(logprobs, dict):
-            merged = choice["logprobs"] or {}
-            for name, items in logprobs.items():
-                if isinstance(items, list):
-                    merged[name] = (merged.get(name) or []) + items
-            choice["logprobs"] = merged
-        if piece.get("finish_reason") is not None:
-            choice["finish_reason"] = piece["finish_reason"]
-
-    def result(self) -> dict:
-        completion: dict[str, Any] = {"id": self.top.get("id"), "object": self.object_name}
-        completion.update({k: v for k, v in self.top.items() if k != "id"})
-        completion["choices"] = [self.choices[index] for index in sorted(self.choices)]
-        if self.usage is not None:
-            completion["usage"] = self.usage
-        return completion
+    def _add_choice(self, index: int, piece: dict) -> None:
+        choice = self.choices.get(index)
+        if choice is None:
+            choice = self.choices[index] = self._new_choice(index)
+        text = piece.get("text")
+        if text is not None and not isinstance(text, str):
+            raise ValueError("text is not a string")
+        choice["text"] += text or ""
+        self._add_logprobs(choice, piece.get("logprobs"))
+        self._add_choice_fields(choice, piece)
 
 
 class StreamCapture:
     """Passes upstream SSE through event by event and assembles what it saw.
 
     ``feed`` returns the bytes to send to the client at once: every whole event verbatim, except
-    the usage-only chunk when the proxy asked for usage on its own account (``drop_usage_chunk``).
-    Keep-alive comments are forwarded but never assembled.
+    the usage the proxy asked for on its own account (``drop_usage_chunk``): then the usage-only
+    chunk is dropped and ``"usage": null`` is taken off the other chunks, so the client sees the
+    stream it asked for. Keep-alive comments are forwarded but never assembled.
+    ``finish``/``fail`` say what to send when the upstream body ends or breaks off.
     """
 
     def __init__(self, mode: str, *, drop_usage_chunk: bool = False) -> None:
         self.assembler = TextCompletionAssembler() if mode == "completion" else ChatAssembler()
         self.drop_usage_chunk = drop_usage_chunk
-        self.done = False
-        self.failed = False
+        self.done = False          # [DONE] seen
+        self.failed = False        # an error chunk or a chunk that is not a completion chunk
+        self.error_relayed = False  # the client has already been sent an error event
         self._buffer = b""
 
     def feed(self, data: bytes) -> bytes:
-        self._buffer += data
+        buffer = self._buffer + data if self._buffer else data
+        separator = b"\n\n" if b"\r" not in buffer else None
         out = []
+        start = 0
         while True:
-            end, separator_length = _event_end(self._buffer)
+            if separator is not None:
+                end = buffer.find(separator, start)
+                length = 2
+            else:
+                end, length = _event_end(buffer, start)
             if end < 0:
                 break
-            event = self._buffer[:end + separator_length]
-            self._buffer = self._buffer[end + separator_length:]
-            if self._accept(event[:end]):
-                out.append(event)
+            event = buffer[start:end + length]
+            relayed = self._accept(buffer[start:end])
+            if relayed is not None:
+                out.append(event if relayed is True else relayed)
+            start = end + length
+        self._buffer = buffer[start:]
         return b"".join(out)
 
-    def _accept(self, event: bytes) -> bool:
-        """Record one event; False when it must not reach the client."""
-        data_lines = []
-        for line in event.splitlines():
-            if line.startswith(b"data:"):
-                data_lines.append(line[5:].lstrip(b" "))
+    def _accept(self, event: bytes) -> bytes | bool | None:
+        """Record one event; True: relay as is, bytes: relay these instead, None: drop it."""
+        data_lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
         if not data_lines:
             return True  # comments, event names, retry hints
         data = b"\n".join(data_lines)
@@ -338,15 +453,41 @@ class StreamCapture:
             return True
         if not isinstance(chunk, dict) or chunk.get("error") is not None:
             self.failed = True
+            self.error_relayed = self.error_relayed or isinstance(chunk, dict)
             return True
-        self.assembler.add(chunk)
-        if self.drop_usage_chunk and chunk.get("choices") == [] and chunk.get("usage") is not None:
-            return False
+        try:
+            self.assembler.add(chunk)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError):
+            self.failed = True  # relayed as it came, never stored
+        if self.drop_usage_chunk and "usage" in chunk:
+            if chunk.get("choices") == []:
+                return None
+            without_usage = {name: value for name, value in chunk.items() if name != "usage"}
+            return sse_event(without_usage)
         return True
 
-    def leftover(self) -> bytes:
-        """Bytes after the last whole event (a stream that ended mid-event)."""
-        return self._buffer
+    def finish(self) -> bytes:
+        """The last bytes for the client once the upstream body ended: an unterminated last event,
+        and an error event when the stream stopped before ``[DONE]`` without saying why."""
+        out = b""
+        tail, self._buffer = self._buffer, b""
+        if tail.strip() and _is_whole_event(tail):
+            relayed = self._accept(tail.rstrip(b"\r\n"))
+            if relayed is not None:
+                out = (tail.rstrip(b"\r\n") + b"\n\n") if relayed is True else relayed
+        if not self.done and not self.error_relayed:
+            out += self.fail("The upstream stream ended before it was complete.")
+        return out
+
+    def fail(self, message: str, code: str = "upstream_stream_failed") -> bytes:
+        """The error event that ends a stream the upstream broke off (nothing if already ended)."""
+        self.failed = True
+        if self.done or self.error_relayed:
+            return b""
+        self.error_relayed = True
+        # An unfinished event is dropped: appending to it would corrupt the error event.
+        self._buffer = b""
+        return error_event(message, code=code)
 
     def completion(self) -> dict | None:
         """The assembled completion, only if the stream was whole and clean."""
@@ -355,8 +496,20 @@ class StreamCapture:
         return self.assembler.result()
 
 
-def _event_end(buffer: bytes) -> tuple[int, int]:
-    """Where the first whole event ends and how long its blank-line separator is."""
-    candidates = [(buffer.find(sep), len(sep)) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r")]
+def _is_whole_event(event: bytes) -> bool:
+    """An event the upstream did not terminate with a blank line, but that is whole nonetheless."""
+    data = b"\n".join(line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:"))
+    if not data or data.strip() == b"[DONE]":
+        return True
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+def _event_end(buffer: bytes, start: int) -> tuple[int, int]:
+    """Where the first whole event after ``start`` ends and how long its blank-line separator is."""
+    candidates = [(buffer.find(sep, start), len(sep)) for sep in (b"\r\n\r\n", b"\n\n", b"\r\r")]
     found = [(index, length) for index, length in candidates if index >= 0]
     return min(found) if found else (-1, 0)

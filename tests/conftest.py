@@ -50,6 +50,9 @@ def make_settings(tmp_path: Path, upstream: FakeUpstream | None, **overrides) ->
         "upstream_base_url": upstream.base_url if upstream else "http://127.0.0.1:9",
         "upstream_timeout_seconds": 10.0,
         "hit_flush_seconds": 0.2,
+        # The shared deployment: the proxy holds the upstream key, keys are the original's.
+        # Tests of client-key forwarding and partitions pass upstream_api_key="".
+        "upstream_api_key": "sk-upstream-test",
     }
     values.update(overrides)
     return config.load_settings({}, **values)

@@ -267,7 +267,8 @@ def test_hit__returns_the_stored_json_unchanged(proxy, fake_upstream, http):
 
 # --------------------------------------------------------------------------- upstream headers
 
-def test_upstream__client_bearer_forwarded_when_no_key_set(proxy, fake_upstream, http):
+def test_upstream__client_bearer_forwarded_when_no_key_set(start_proxy, fake_upstream, http):
+    proxy = start_proxy(upstream_api_key="")
     http.post(proxy.url + CHAT, json=chat_body(), headers={"Authorization": "Bearer sk-client"})
     sent = fake_upstream.requests[-1].headers
     assert sent["authorization"] == "Bearer sk-client"
@@ -282,7 +283,8 @@ def test_upstream__configured_key_replaces_the_clients(start_proxy, fake_upstrea
     assert [r.headers["authorization"] for r in fake_upstream.requests] == ["Bearer sk-upstream"] * 2
 
 
-def test_upstream__no_key_anywhere_sends_no_authorization(proxy, fake_upstream, http):
+def test_upstream__no_key_anywhere_sends_no_authorization(start_proxy, fake_upstream, http):
+    proxy = start_proxy(upstream_api_key="")
     http.post(proxy.url + CHAT, json=chat_body())
     assert "authorization" not in fake_upstream.requests[-1].headers
 

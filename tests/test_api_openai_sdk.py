@@ -11,7 +11,9 @@ from test_cache_policy import original_key
 MESSAGES = [{"role": "user", "content": "Which button submits the form?"}]
 
 
-def test_sdk__plain_call_miss_then_hit(openai_client, fake_upstream):
+def test_sdk__plain_call_miss_then_hit(start_proxy, fake_upstream):
+    proxy = start_proxy(upstream_api_key="")
+    openai_client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-test-client", max_retries=0)
     first = openai_client.chat.completions.create(model="test/model-a", messages=MESSAGES)
     second = openai_client.chat.completions.create(model="test/model-a", messages=MESSAGES)
     assert first.choices[0].message.content == "echo: Which button submits the form?"

@@ -77,7 +77,7 @@ def test_models_routes__proxied_never_cached(proxy, fake_upstream, http, route):
 
 def test_models_routes__upstream_error_passes_through(start_proxy, fake_upstream, http):
     # The fake answers 404 with an OpenAI error for a path it does not serve.
-    proxy = start_proxy(upstream_base_url=fake_upstream.base_url + "/elsewhere")
+    proxy = start_proxy(upstream_base_url=fake_upstream.base_url + "/elsewhere", upstream_api_key="")
     response = http.get(proxy.url + "/v1/models", headers={"Authorization": "Bearer sk-client"})
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "Unknown path: GET /v1/elsewhere/models"

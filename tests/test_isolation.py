@@ -42,7 +42,7 @@ def _original_key(body: dict) -> str:
 
 
 def test_partition__clients_with_different_keys_never_share_entries(start_proxy, fake_upstream):
-    proxy = start_proxy()
+    proxy = start_proxy(upstream_api_key="")
 
     a_first, a_key, _ = _ask(proxy, KEY_A)
     b_first, b_key, _ = _ask(proxy, KEY_B)
@@ -56,7 +56,7 @@ def test_partition__clients_with_different_keys_never_share_entries(start_proxy,
 
 
 def test_partition__requests_without_a_key_share_the_unpartitioned_cache(start_proxy, http):
-    proxy = start_proxy()
+    proxy = start_proxy(upstream_api_key="")
     url = proxy.url + "/v1/chat/completions"
     body = {"model": "test/model-a", "messages": MESSAGES}
 
@@ -74,7 +74,7 @@ def test_partition__requests_without_a_key_share_the_unpartitioned_cache(start_p
 
 
 def test_partition__streamed_requests_are_partitioned_too(start_proxy):
-    proxy = start_proxy()
+    proxy = start_proxy(upstream_api_key="")
 
     statuses = []
     for api_key in (KEY_A, KEY_B, KEY_A):
@@ -88,7 +88,7 @@ def test_partition__streamed_requests_are_partitioned_too(start_proxy):
 
 
 def test_partition__share_across_keys_restores_one_cache_with_the_original_keys(start_proxy, tmp_path):
-    proxy = start_proxy(cache_share_across_keys=True)
+    proxy = start_proxy(upstream_api_key="", cache_share_across_keys=True)
 
     a_status, a_key, _ = _ask(proxy, KEY_A)
     b_status, b_key, _ = _ask(proxy, KEY_B)
@@ -126,7 +126,7 @@ def test_decide__mixes_the_partition_into_the_key_only_when_given():
 
 
 def test_partition__no_raw_client_key_is_ever_stored(start_proxy, tmp_path):
-    proxy = start_proxy()
+    proxy = start_proxy(upstream_api_key="")
     for api_key in (KEY_A, KEY_B):
         _ask(proxy, api_key)
         _ask(proxy, api_key)
@@ -146,13 +146,13 @@ def test_partition__no_raw_client_key_is_ever_stored(start_proxy, tmp_path):
 
 
 def test_partition__secret_file_is_private_and_survives_restarts(start_proxy, tmp_path):
-    first = start_proxy()
+    first = start_proxy(upstream_api_key="")
     _, key_before, _ = _ask(first, KEY_A)
     secret_path = tmp_path / "cache.sqlite3.secret"
     secret = secret_path.read_bytes()
     first.stop()
 
-    second = start_proxy()
+    second = start_proxy(upstream_api_key="")
     status, key_after, _ = _ask(second, KEY_A)
 
     assert stat.S_IMODE(secret_path.stat().st_mode) == 0o600
@@ -187,9 +187,9 @@ def test_load_or_create_secret__concurrent_processes_agree_on_one_secret(tmp_pat
 
 def test_partition__a_configured_secret_is_used_and_no_secret_file_written(start_proxy, tmp_path):
     shared_secret = "correct horse battery staple 0123456789"
-    one = start_proxy(cache_key_secret=shared_secret, cache_db_path=str(tmp_path / "one.sqlite3"))
-    two = start_proxy(cache_key_secret=shared_secret, cache_db_path=str(tmp_path / "two.sqlite3"))
-    other = start_proxy(cache_key_secret="another secret of enough length", cache_db_path=str(tmp_path / "x.sqlite3"))
+    one = start_proxy(upstream_api_key="", cache_key_secret=shared_secret, cache_db_path=str(tmp_path / "one.sqlite3"))
+    two = start_proxy(upstream_api_key="", cache_key_secret=shared_secret, cache_db_path=str(tmp_path / "two.sqlite3"))
+    other = start_proxy(upstream_api_key="", cache_key_secret="another secret of enough length", cache_db_path=str(tmp_path / "x.sqlite3"))
 
     keys = [_ask(server, KEY_A)[1] for server in (one, two, other)]
 
@@ -204,7 +204,7 @@ def test_settings__a_short_cache_key_secret_fails_naming_the_variable():
 
 def test_partition__an_unusable_secret_file_bypasses_the_cache_and_still_answers(start_proxy, tmp_path, caplog):
     (tmp_path / "cache.sqlite3.secret").mkdir()  # neither readable as a file nor replaceable
-    proxy = start_proxy()
+    proxy = start_proxy(upstream_api_key="")
 
     replies = [_ask(proxy, KEY_A) for _ in range(3)]
 

@@ -78,7 +78,7 @@ def test_store__creates_its_files_private_whatever_the_umask(serve, tmp_path):
     db_path = tmp_path / "data" / "cache" / "cache.sqlite3"
     previous = os.umask(0)  # the most permissive umask: the modes below are the code's own
     try:
-        server = serve(db_path)
+        server = serve(db_path, upstream_api_key="")  # clients' keys: the secret file is made
         response = _post(server, chat_body())
         assert _cache(response)[:2] == ("MISS", "stored")
     finally:
