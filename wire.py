@@ -6,10 +6,75 @@ endpoint here and reuse the cache flow unchanged.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Callable, Mapping
 
 from errors import InvalidRequest
+
+MAX_JSON_DEPTH = 256
+
+# A JSON string (escapes included), written as an unrolled loop so 50 MB of base64 scans fast.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def json_depth_exceeds(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when arrays/objects nest deeper than ``limit``, found without parsing or recursion.
+
+    Brackets inside strings do not count; the depth can never exceed the number of brackets, so
+    ordinary bodies (screenshots are strings) are settled by a count.
+    """
+    brackets = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", data))
+    if len(brackets) <= limit:
+        return False
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets))) > limit
+
+
+class _NonFinite(ValueError):
+    """NaN/Infinity: Python's json reads them, JSON and the upstream do not."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text)
+    return value
+
+
+def parse_request_json(data: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or InvalidRequest saying what is wrong with it.
+
+    Strict where Python's json is lenient: UTF-8 only, no NaN/Infinity (nor numbers that
+    overflow to them), nesting at most MAX_JSON_DEPTH (checked before parsing, cheaply).
+    """
+    if not data.strip():
+        raise InvalidRequest("Request body must be JSON.", code="invalid_json")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("Request body must be JSON encoded as UTF-8.", code="invalid_json") from None
+    if json_depth_exceeds(data):
+        raise InvalidRequest(f"Request body JSON is nested deeper than {MAX_JSON_DEPTH} levels.",
+                             code="invalid_json")
+    try:
+        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NonFinite:
+        raise InvalidRequest("Request body must be JSON: NaN, Infinity and numbers too large for "
+                             "a double are not allowed.", code="invalid_json") from None
+    except (ValueError, RecursionError):
+        raise InvalidRequest("Request body must be JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object.", code="invalid_json")
+    return body
 
 
 def _require_model(body: Mapping[str, Any]) -> None:
@@ -33,6 +98,9 @@ def validate_chat(body: Mapping[str, Any]) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty array.", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"messages[{index}] must be an object.", param=f"messages[{index}]")
     _require_stream_flag(body)
 
 
