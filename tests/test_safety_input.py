@@ -103,11 +103,8 @@ def test_depth__brackets_inside_strings_do_not_count(proxy, fake_upstream, http)
 def test_size__content_length_over_the_limit_is_413_before_the_body_is_read(start_proxy, fake_upstream):
     proxy = start_proxy(max_request_bytes=1000)
     # Declare a huge body but send none: only a check of the header can answer this.
-    with socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 10000000000\r\n\r\n")
-        reply = sock.recv(65536)
-    head, _, body = reply.partition(b"\r\n\r\n")
+    head, body = _raw_request(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                     b"Content-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413")
     assert json.loads(body)["error"]["code"] == "request_too_large"
     assert_untouched(fake_upstream, proxy)
@@ -163,7 +160,8 @@ def _raw_request(proxy, head: bytes, body: bytes = b"") -> tuple[bytes, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(head + body)
         data = b""
-        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < 10:
+        # Until the whole JSON error body is in (it ends with "}}").
+        while not data.rstrip().endswith(b"}}"):
             piece = sock.recv(65536)
             if not piece:
                 break
@@ -211,7 +209,7 @@ def test_headers__many_long_headers_are_431(proxy, fake_upstream, http):
 def test_headers__a_header_line_too_long_for_the_server_gets_no_5xx(proxy, fake_upstream):
     head = (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"a" * 70000 + b"\r\nConnection: close\r\n\r\n")
     status_head, _ = _raw_request(proxy, head)
-    assert status_head.split(b" ")[1] in (b"400", b"431")
+    assert status_head.split(b" ")[1] == b"431"
     assert fake_upstream.requests == []
 
 
