@@ -253,11 +253,11 @@ paths = st.sampled_from(["/v1/chat/completions", "/v1/completions", "/chat/compl
                          "/cache/clear", "/nope"])
 
 
-@hypothesis_settings(max_examples=300, deadline=None, database=None,
+@hypothesis_settings(max_examples=250, deadline=None, database=None,
                      suppress_health_check=list(HealthCheck))
 @given(cases=st.lists(st.tuples(paths, bodies, headers), min_size=6, max_size=6))
 def test_fuzz__no_input_gives_a_5xx_or_a_traceback(app, fake_upstream, cases):
-    """1,800 generated requests (300 examples of 6) through the whole app."""
+    """1,500 generated requests (250 examples of 6) through the whole app."""
     client = app.test_client()
     for path, body, request_headers in cases:
         response = client.post(path, data=body, headers=request_headers)
