@@ -266,3 +266,22 @@ def test_fuzz__no_input_gives_a_5xx_or_a_traceback(app, fake_upstream, cases):
         assert "Traceback" not in text and 'File "' not in text
         if response.status_code >= 400 and response.is_json:
             assert set(response.get_json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("text, too_deep", [
+    ("[" * 257 + "]" * 257, True),
+    ("[" * 256 + "]" * 256, False),
+    ('{"a":' * 257 + "1" + "}" * 257, True),
+    ("[" * 100 + "{" * 156 + "}" * 156 + "]" * 100, False),
+    ("[" * 100 + "{" * 157 + "}" * 157 + "]" * 100, True),
+    ("[" * 250 + "[][][[[[[[[]]]]]]]" + "]" * 250, True),
+    ("[]" * 100_000, False),
+    (json.dumps({"a": "[" * 1000}), False),
+    (json.dumps({"a": "\\" * 3 + '"' + "[" * 300}), False),
+    (json.dumps(["\\\"" * 5, "[[" * 300, "x\\"]), False),
+    (json.dumps({"k\\\"[[": ["]" * 400]}), False),
+])
+def test_depth__scan_ignores_strings_and_escapes(text, too_deep):
+    from wire import json_depth_exceeds
+
+    assert json_depth_exceeds(text.encode()) is too_deep
