@@ -226,12 +226,17 @@ class CompletionProxy:
                                           self._upstream_body(request, body, extra))
             cleanup.stream = upstream
             passthrough = relayable_headers(upstream.headers)
+            reason = None
             if not 200 <= upstream.status < 300:
-                outcome = Outcome("BYPASS", decision.key, reason="upstream returned an error")
-                return self._relay(upstream.read_all(), upstream.status, passthrough, outcome)
-            if "text/event-stream" not in upstream.content_type:
-                outcome = Outcome("BYPASS", decision.key, reason="upstream did not answer with a stream")
-                return self._relay(upstream.read_all(), upstream.status, passthrough, outcome)
+                reason = "upstream returned an error"
+            elif "text/event-stream" not in upstream.content_type:
+                reason = "upstream did not answer with a stream"
+            if reason:
+                data = upstream.read_all()
+                # The answer is complete: release the flight now, or an identical retry (after a
+                # 429, say) would wait for the coalescing timeout.
+                cleanup()
+                return self._relay(data, upstream.status, passthrough, Outcome("BYPASS", decision.key, reason=reason))
         except BaseException:
             cleanup()
             raise
