@@ -164,27 +164,39 @@ def test_gzip__error_body_is_decoded_too(proxy, fake_upstream, http):
     assert response.content == body.encode()
 
 
-@pytest.mark.parametrize("status", [301, 302, 307, 308])
-def test_redirect__never_followed_and_502(proxy, fake_upstream, http, status):
-    fake_upstream.enqueue(redirect_reply(fake_upstream.base_url + "/elsewhere", status=status))
-    response = http.post(proxy.url + CHAT, json=chat_body(), headers={"Authorization": "Bearer sk-client"})
-    error = assert_upstream_error(response, 502, "upstream_request_failed")
-    assert "redirect" in error["message"]
-    time.sleep(0.1)
-    assert [recorded.path for recorded in fake_upstream.requests] == ["/v1/chat/completions"]
-    assert_nothing_stored(proxy)
-
-
-@pytest.mark.parametrize("status", [429, 500, 503])
 @pytest.mark.parametrize("stream", [False, True])
-def test_retry_after__passed_through_with_status_and_body(proxy, fake_upstream, http, status, stream):
-    fake_upstream.enqueue(error_reply(status, "slow down", headers={"Retry-After": "7"}))
-    response = http.post(proxy.url + CHAT, json=chat_body(stream=stream))
-    assert response.status_code == status
-    assert response.headers["Retry-After"] == "7"
-    assert response.json()["error"]["message"] == "slow down"
-    assert response.headers["X-Computer-Use-Cache"] == "BYPASS"
+def test_redirect__never_followed_and_502(proxy, fake_upstream, http, stream):
+    statuses = (301, 302, 303, 307, 308)
+    for status in statuses:
+        fake_upstream.enqueue(redirect_reply(fake_upstream.base_url + "/elsewhere", status=status))
+        response = http.post(proxy.url + CHAT, json=chat_body(stream=stream),
+                             headers={"Authorization": "Bearer sk-client"})
+        error = assert_upstream_error(response, 502, "upstream_request_failed")
+        assert "redirect" in error["message"]
+    time.sleep(0.1)
+    assert [recorded.path for recorded in fake_upstream.requests] == ["/v1/chat/completions"] * len(statuses)
     assert_nothing_stored(proxy)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_retry_after__passed_through_with_status_and_body(proxy, fake_upstream, http, stream):
+    # The same body each time, as an SDK retrying after a 429 sends it: no retry may wait on the
+    # previous attempt's coalescing slot (UPSTREAM_TIMEOUT_SECONDS is 10 s here).
+    started = time.monotonic()
+    for status in (429, 500, 503):
+        fake_upstream.enqueue(error_reply(status, f"slow down {status}", headers={"Retry-After": "7"}))
+        response = http.post(proxy.url + CHAT, json=chat_body(stream=stream))
+        assert response.status_code == status
+        assert response.headers["Retry-After"] == "7"
+        assert response.json()["error"]["message"] == f"slow down {status}"
+        assert response.headers["X-Computer-Use-Cache"] == "BYPASS"
+    assert time.monotonic() - started < 3.0
+    assert_nothing_stored(proxy)
+
+
+def test_models__upstream_refusing_is_502(start_proxy, http, refusing_port):
+    proxy = start_proxy(upstream_base_url=f"http://127.0.0.1:{refusing_port}/v1")
+    assert_upstream_error(http.get(proxy.url + "/v1/models"), 502, "upstream_request_failed")
 
 
 def test_retry_after__sdk_sees_the_rate_limit(proxy, fake_upstream, openai_client):
