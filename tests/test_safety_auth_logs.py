@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import threading
 import os
@@ -124,7 +125,8 @@ SECRETS = [PROXY_KEY, UPSTREAM_KEY, CLIENT_KEY, PROMPT_SECRET, "tangerine-walrus
 
 
 def _session(base_url: str, fake_upstream, client_key: str) -> None:
-    """Miss, hit, stream, upstream error, bad input, models, refused key: with secrets everywhere."""
+    """Miss, hit, stream, upstream error, bad input, models, too large, refused key, unknown route:
+    with keys and prompt text in headers, bodies and URLs (11 requests)."""
     headers = {"Authorization": f"Bearer {client_key}", "X-Title": CLIENT_KEY, "HTTP-Referer": CLIENT_KEY}
     body = chat_body(PROMPT_SECRET + " " + CLIENT_KEY, user=CLIENT_KEY)
     with requests.Session() as http:
@@ -140,6 +142,12 @@ def _session(base_url: str, fake_upstream, client_key: str) -> None:
         assert http.post(base_url + CHAT, data=b"[" * 1000 + CLIENT_KEY.encode(),
                          headers={**headers, "Content-Type": "application/json"}).status_code == 400
         assert http.get(base_url + "/v1/models", headers=headers).status_code == 200
+        # Over MAX_REQUEST_BYTES (4096 in these tests): by Content-Length, and chunked.
+        too_big = json.dumps(chat_body(PROMPT_SECRET * 200)).encode()
+        assert http.post(base_url + CHAT, data=too_big, headers={**headers, "Content-Type": "application/json"}
+                         ).status_code == 413
+        assert http.post(base_url + CHAT, data=iter([too_big]), headers={**headers, "Content-Type": "application/json"}
+                         ).status_code == 413
     # Secrets in the URL: sent with http.client, which (unlike this test's requests) logs nothing.
     assert _plain_request(base_url, "POST", f"/v1/chat/completions?api_key={CLIENT_KEY}",
                           {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}) == 401
@@ -160,7 +168,7 @@ def _plain_request(base_url: str, method: str, path: str, headers: dict) -> int:
 def test_logs__a_whole_session_leaves_no_secret_in_any_log(tmp_path, fake_upstream, caplog):
     caplog.set_level(logging.DEBUG)
     app = create_app(make_settings(tmp_path, fake_upstream, proxy_api_keys=(PROXY_KEY,),
-                                   upstream_api_key=UPSTREAM_KEY, cache_admin_token="adm"))
+                                   upstream_api_key=UPSTREAM_KEY, cache_admin_token="adm", max_request_bytes=4096))
     # Served the way `python server.py` serves it.
     server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -175,7 +183,7 @@ def test_logs__a_whole_session_leaves_no_secret_in_any_log(tmp_path, fake_upstre
     for secret in SECRETS:
         assert secret not in text
     access = [record.getMessage() for record in caplog.records if record.name == "computer_use_cache.access"]
-    assert len(access) == 9, access
+    assert len(access) == 11, access
     assert any(line.startswith("POST /v1/chat/completions 200 cache=HIT key=") for line in access)
     assert any(" 429 cache=BYPASS " in line and "upstream=429" in line for line in access)
     assert any(line.startswith("GET /v1/models 200 ") and "upstream=200" in line for line in access)
@@ -216,7 +224,7 @@ def test_logs__real_server_stderr_and_stdout_carry_no_secret(tmp_path, fake_upst
     port = _free_port()
     env = {**_clean_env(), "HOST": "127.0.0.1", "PORT": str(port), "UPSTREAM_BASE_URL": fake_upstream.base_url,
            "UPSTREAM_API_KEY": UPSTREAM_KEY, "PROXY_API_KEYS": PROXY_KEY, "CACHE_DB_PATH": str(tmp_path / "c.sqlite3"),
-           "WEB_CONCURRENCY": "1", "GUNICORN_THREADS": "4"}
+           "WEB_CONCURRENCY": "1", "GUNICORN_THREADS": "4", "MAX_REQUEST_BYTES": "4096"}
     process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -231,4 +239,6 @@ def test_logs__real_server_stderr_and_stdout_carry_no_secret(tmp_path, fake_upst
     for secret in SECRETS:
         assert secret not in output
     assert "Traceback" not in output
-    assert output.count("computer_use_cache.access ") >= 9, output
+    access = [line for line in output.splitlines() if "computer_use_cache.access " in line and "/healthz" not in line]
+    assert len(access) == 11, output
+    assert sum(" 413 cache=" in line for line in access) == 2
