@@ -242,3 +242,35 @@ def test_logs__real_server_stderr_and_stdout_carry_no_secret(tmp_path, fake_upst
     access = [line for line in output.splitlines() if "computer_use_cache.access " in line and "/healthz" not in line]
     assert len(access) == 11, output
     assert sum(" 413 cache=" in line for line in access) == 2
+
+
+def test_client_key__every_configured_key_is_compared(monkeypatch):
+    import guard
+
+    compared = []
+    real = guard.hmac.compare_digest
+
+    def counting(left, right):
+        compared.append(right)
+        return real(left, right)
+
+    monkeypatch.setattr(guard.hmac, "compare_digest", counting)
+    guard.check_client_key(("k-one", "k-two", "k-three"), "Bearer k-one")
+    assert compared == [b"k-one", b"k-two", b"k-three"]  # no early exit on the first match
+
+
+def test_logs__unexpected_error_logs_no_exception_text(app, fake_upstream, caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG)
+
+    def broken_request(*args, **kwargs):
+        raise RuntimeError(f"boom while sending {CLIENT_KEY} {PROMPT_SECRET}")
+
+    monkeypatch.setattr(app.extensions["computer_use_cache"].upstream, "request", broken_request)
+    response = app.test_client().post(CHAT, json=chat_body(PROMPT_SECRET),
+                                      headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+    assert response.status_code == 500
+    assert response.get_json()["error"] == {"message": "The cache server failed unexpectedly.",
+                                            "type": "server_error", "param": None, "code": "internal_error"}
+    assert "unexpected RuntimeError on POST /v1/chat/completions" in caplog.text
+    assert "broken_request" in caplog.text  # the frames are there
+    assert CLIENT_KEY not in caplog.text and PROMPT_SECRET not in caplog.text
