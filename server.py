@@ -18,7 +18,6 @@ from werkzeug.serving import WSGIRequestHandler
 
 import guard
 from access_log import register_access_log
-
 from cache_store import SQLiteStore, StoreError
 from coalesce import Coalescer
 from config import Settings, SettingsError, load_settings
