@@ -147,6 +147,12 @@ class Settings:
         "CACHE_KEY_SECRET", "", "secret",
         "Secret of the keyed hash that partitions the cache by client key; empty = generated "
         "once and kept in <CACHE_DB_PATH>.secret (0600).")
+    max_request_bytes: int = setting(
+        "MAX_REQUEST_BYTES", 52428800, "int",
+        "Request bodies larger than this are refused with 413 before they are read (default 50 MiB).")
+    proxy_api_keys: tuple[str, ...] = setting(
+        "PROXY_API_KEYS", (), "list",
+        "Comma-separated keys clients must send as their bearer token; needs UPSTREAM_API_KEY.")
 
 
 _FALLBACKS = {
@@ -180,9 +186,19 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
             raise SettingsError(f"{name}={raw!r} is not valid: {exc}") from None
     values.update(overrides)
     settings = Settings(**values)
+    check_combinations(settings)
     return dataclasses.replace(
         settings, upstream_base_url=settings.upstream_base_url.rstrip("/") or OPENROUTER_BASE_URL
     )
+
+
+def check_combinations(settings: Settings) -> None:
+    """Settings that are valid alone but unsafe together fail start-up with one clear line."""
+    if settings.proxy_api_keys and not settings.upstream_api_key:
+        # The client's bearer is then the proxy key: forwarding it upstream would leak it and fail.
+        raise SettingsError(
+            "PROXY_API_KEYS is set but UPSTREAM_API_KEY is not: with client keys the proxy must "
+            "hold the upstream key itself (set UPSTREAM_API_KEY, OPENROUTER_API_KEY or OPENAI_API_KEY).")
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

@@ -57,6 +57,12 @@ class PayloadTooLarge(ApiError):
     code = "request_too_large"
 
 
+class HeaderTooLarge(ApiError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
 class AuthenticationFailed(ApiError):
     status = 401
     type = "authentication_error"

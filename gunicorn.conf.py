@@ -32,7 +32,21 @@ timeout = 60
 graceful_timeout = 30
 keepalive = 75
 backlog = 2048
+# gunicorn's own access log stays off: it would repeat raw request lines (query strings may carry
+# keys). The app writes one clean line per request to the computer_use_cache.access logger.
 accesslog = None
+
+
+def post_worker_init(worker):
+    """Send the app's log records (access lines, warnings) to stderr, where gunicorn logs too."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s %(message)s"))
+    logger = logging.getLogger("computer_use_cache")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def worker_exit(server, worker):

@@ -19,12 +19,13 @@ from cache_policy import Decision, decide, strip_proxy_controls, switch_value
 from cache_store import CachedEntry, NewEntry, SQLiteStore, StoreError
 from coalesce import Coalescer
 from config import Settings
-from errors import InvalidRequest, UpstreamFailed
+from errors import PayloadTooLarge, UpstreamFailed
+from guard import body_too_large_message
 from key_partition import ClientPartitions, KeySecretError
 from metrics import RequestObserver
 from streaming import StreamCapture, expected_choice_count, replay
 from upstream import UpstreamClient, UpstreamStream, relayable_headers
-from wire import Endpoint, uncacheable_reason, wants_stream, wants_usage
+from wire import Endpoint, parse_request_json, uncacheable_reason, wants_stream, wants_usage
 
 log = logging.getLogger("computer_use_cache.proxy")
 
@@ -56,14 +57,12 @@ def cache_headers(status: str, key: str | None = None, store: str | None = None,
 
 
 def parse_json_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object (wire.parse_request_json says what counts); 413 past the limit."""
     data = request.get_data()
-    try:
-        body = json.loads(data)
-    except (ValueError, RecursionError):
-        raise InvalidRequest("Request body must be JSON.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("Request body must be a JSON object.")
-    return body
+    limit = request.max_content_length
+    if limit is not None and len(data) >= limit:  # the app's cap is MAX_REQUEST_BYTES + 1
+        raise PayloadTooLarge(body_too_large_message(limit - 1))
+    return parse_request_json(data)
 
 
 @dataclass

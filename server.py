@@ -10,16 +10,21 @@ import hmac
 import logging
 import signal
 import sys
+import traceback
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.serving import WSGIRequestHandler
 
+import guard
+from access_log import register_access_log
 from cache_store import SQLiteStore, StoreError
 from coalesce import Coalescer
 from config import Settings, SettingsError, load_settings
 from dashboard import register_dashboard
-from errors import ApiError, AuthenticationFailed, MethodNotAllowed, NotFound, ServiceUnavailable
+from errors import ApiError, AuthenticationFailed, MethodNotAllowed, NotFound, PayloadTooLarge
+from errors import ServiceUnavailable
 from errors import error_body
 from metrics import Monitor
 from proxy import CompletionProxy, cache_headers
@@ -55,6 +60,9 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
 
     app = Flask(__name__)
     app.json.sort_keys = False
+    # Werkzeug caps the read of a body that declares no length (chunked) here; it stops silently
+    # AT the cap, so the cap is one byte past the limit and parse_json_body refuses a longer read.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1
     app.extensions[EXTENSION] = proxy
 
     for route in CHAT_ROUTES:
@@ -106,6 +114,7 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
             raise ServiceUnavailable(f"The cache database is unavailable: {exc}") from exc
         return jsonify(ok=True, deleted=deleted)
 
+    register_access_log(app, upstream.last_status, upstream.reset_last_status)
     register_http_behaviour(app, settings)
     # Stats, metrics and dashboard (issue 6): counts requests, serves /metrics, /dashboard and
     # /cache/activity; /metrics and /cache/activity need CACHE_ADMIN_TOKEN when one is set (the
@@ -143,6 +152,18 @@ def register_http_behaviour(app: Flask, settings: Settings) -> None:
             return Response(status=204)
         return None
 
+    @app.before_request
+    def check_request():
+        """Refuse before the body is read: wrong client key, bad headers, too big, not JSON."""
+        if guard.is_api_path(request.path):
+            guard.check_client_key(settings.proxy_api_keys, request.headers.get("Authorization"))
+        guard.check_headers(request.headers)
+        guard.check_declared_size(request.content_length, settings.max_request_bytes)
+        # Only a request that reached a JSON route is held to its content type; a wrong route
+        # or method still gets its own 404/405.
+        if request.method == "POST" and request.routing_exception is None and guard.is_api_path(request.path):
+            guard.check_content_type(request.headers.get("Content-Type"))
+
     @app.after_request
     def cors(response: Response) -> Response:
         response.headers["Access-Control-Allow-Origin"] = settings.cors_allow_origin
@@ -161,12 +182,17 @@ def register_http_behaviour(app: Flask, settings: Settings) -> None:
             return error_response(NotFound(f"Unknown route: {request.method} {request.path}"))
         if error.code == 405:
             return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}."))
+        if error.code == 413:
+            return error_response(PayloadTooLarge(guard.body_too_large_message(settings.max_request_bytes)))
         api = ApiError(error.description or error.name, status=error.code or 400)
         return error_response(api)
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.path)
+        # The frames say where; the exception's own text is left out, as it may quote a body or key.
+        log.error("unexpected %s on %s %s\n%s", type(error).__name__, request.method,
+                  request.url_rule.rule if request.url_rule else "(no route)",
+                  "".join(traceback.format_tb(error.__traceback__)).rstrip())
         body = error_body("The cache server failed unexpectedly.", "server_error", "internal_error")
         return jsonify(body), 500
 
@@ -183,12 +209,25 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (docker stop, systemd) ends like Ctrl-C: the finally below writes pending hit counters.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        app.run(host=settings.host, port=settings.port, debug=settings.flask_debug, threaded=True)
+        app.run(host=settings.host, port=settings.port, debug=settings.flask_debug, threaded=True,
+                request_handler=QuietRequestHandler)
     except KeyboardInterrupt:
         pass
     finally:
         app.extensions[EXTENSION].store.close()
     return 0
+
+
+class QuietRequestHandler(WSGIRequestHandler):
+    """Flask's server without its own request lines: they repeat the raw path and query string
+    (which may carry a key); the app's access log already has one safe line per request."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+    def log_error(self, format: str, *args: Any) -> None:
+        # http.server quotes the raw request line in malformed-request errors: keep the code only.
+        self.log("info", "refused a malformed request (%s)", args[0] if args else "?")
 
 
 if __name__ == "__main__":

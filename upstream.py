@@ -7,12 +7,14 @@ stalls mid-body is cut off when it passes, not merely when one read is slow.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import requests
+from urllib3.util import Timeout
 
 from config import Settings
 from errors import UpstreamFailed, UpstreamTimeout
@@ -27,6 +29,18 @@ _NOT_RELAYED = frozenset({
     "access-control-allow-headers", "access-control-expose-headers",
     "access-control-allow-credentials", "access-control-max-age",
 })
+
+
+# Client header values copied upstream must be one clean line of reasonable length.
+_UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_MAX_FORWARDED_VALUE_CHARS = 2048
+
+
+def safe_client_value(value: str | None) -> str | None:
+    """A client header value fit to forward, or None: never CR/LF (header injection) or NUL."""
+    if not value or len(value) > _MAX_FORWARDED_VALUE_CHARS or _UNSAFE_VALUE.search(value):
+        return None
+    return value
 
 
 def relayable_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -133,16 +147,24 @@ class UpstreamClient:
     def headers_for(self, client_headers: Mapping[str, str]) -> dict[str, str]:
         """The original's upstream headers: our key or the client's, plus OpenRouter attribution."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        token = self.api_key or bearer_token(client_headers.get("Authorization"))
+        token = self.api_key or safe_client_value(bearer_token(client_headers.get("Authorization")))
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        referer = self.referer or client_headers.get("HTTP-Referer")
+        referer = self.referer or safe_client_value(client_headers.get("HTTP-Referer"))
         if referer:
             headers["HTTP-Referer"] = referer
-        title = self.title or client_headers.get("X-Title")
+        title = self.title or safe_client_value(client_headers.get("X-Title"))
         if title:
             headers["X-Title"] = title
         return headers
+
+    def reset_last_status(self) -> None:
+        """Forget the previous request's upstream status (called as each request starts)."""
+        self._local.last_status = None
+
+    def last_status(self) -> int | None:
+        """The status the upstream answered this thread's current request with, if it answered."""
+        return getattr(self._local, "last_status", None)
 
     def open(self, method: str, path: str, client_headers: Mapping[str, str],
              body: bytes | None = None) -> UpstreamStream:
@@ -153,7 +175,9 @@ class UpstreamClient:
             response = self._session().request(
                 method, self.base_url + path, data=body, headers=self.headers_for(client_headers),
                 stream=True, allow_redirects=False,
-                timeout=(min(self.timeout, 30.0), self.timeout),
+                # total: connecting and waiting for the headers share one deadline; the body
+                # reads below get whatever is left of it.
+                timeout=Timeout(connect=min(self.timeout, 30.0), read=self.timeout, total=self.timeout),
             )
         except requests.exceptions.ConnectTimeout as exc:
             raise UpstreamTimeout(f"Could not connect to the upstream in time: {_reason(exc)}") from exc
@@ -161,6 +185,7 @@ class UpstreamClient:
             raise UpstreamTimeout("The upstream did not answer in time.") from exc
         except requests.exceptions.RequestException as exc:
             raise UpstreamFailed(f"Upstream request failed: {_reason(exc)}") from exc
+        self._local.last_status = response.status_code
         if 300 <= response.status_code < 400:
             response.close()
             raise UpstreamFailed(

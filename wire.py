@@ -6,10 +6,102 @@ endpoint here and reuse the cache flow unchanged.
 
 from __future__ import annotations
 
+import json
+import math
+from array import array
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Callable, Mapping
 
 from errors import InvalidRequest
+
+MAX_JSON_DEPTH = 256
+
+_BACKSLASH_PAIR = b"\\\\"
+_ESCAPED_QUOTE = b'\\"'
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+_AS_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_PAREN_STEPS = bytes.maketrans(b"()", b"\x01\xff")
+_PEEL_PASSES = 8
+_DEPTH_SLICE = 65536
+
+
+def json_depth_exceeds(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when arrays/objects nest deeper than ``limit``, found without parsing or recursion.
+
+    C-speed byte operations strip everything but the brackets outside strings: escapes go first
+    (a run of backslashes pairs up from its left end, so dropping every backslash pair and then
+    every backslash-quote is exact), then every other quote-delimited piece is string content.
+    Depth can never exceed the number of brackets, so ordinary bodies (screenshots are strings)
+    are settled by a count; the rest are summed in slices that stop at the first one too deep.
+    """
+    unescaped = data.replace(_BACKSLASH_PAIR, b"").replace(_ESCAPED_QUOTE, b"")
+    outside_strings = b"".join(unescaped.split(b'"')[0::2])
+    brackets = outside_strings.translate(None, _NOT_BRACKETS)
+    if len(brackets) <= limit:
+        return False
+    # Peel the innermost pairs a few times at C speed: each pass lowers the depth by exactly one
+    # (at most one for unbalanced text, which is not JSON anyway), and shallow bulk disappears.
+    parens = brackets.translate(_AS_PARENS)
+    peeled = 0
+    while peeled < _PEEL_PASSES and len(parens) > limit - peeled:
+        shorter = parens.replace(b"()", b"")
+        if len(shorter) == len(parens):
+            break
+        parens, peeled = shorter, peeled + 1
+    if len(parens) <= limit - peeled:
+        return False
+    # As signed bytes "(" is +1 and ")" is -1: the running sum is the depth.
+    steps = array("b", parens.translate(_PAREN_STEPS))
+    depth = peeled
+    for start in range(0, len(steps), _DEPTH_SLICE):
+        piece = steps[start:start + _DEPTH_SLICE]
+        if max(accumulate(piece, initial=depth)) > limit:
+            return True
+        depth += sum(piece)
+    return False
+
+
+class _NonFinite(ValueError):
+    """NaN/Infinity: Python's json reads them, JSON and the upstream do not."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text)
+    return value
+
+
+def parse_request_json(data: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or InvalidRequest saying what is wrong with it.
+
+    Strict where Python's json is lenient: UTF-8 only, no NaN/Infinity (nor numbers that
+    overflow to them), nesting at most MAX_JSON_DEPTH (checked before parsing, cheaply).
+    """
+    if not data.strip():
+        raise InvalidRequest("Request body must be JSON.", code="invalid_json")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("Request body must be JSON encoded as UTF-8.", code="invalid_json") from None
+    if json_depth_exceeds(data):
+        raise InvalidRequest(f"Request body JSON is nested deeper than {MAX_JSON_DEPTH} levels.",
+                             code="invalid_json")
+    try:
+        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NonFinite:
+        raise InvalidRequest("Request body must be JSON: NaN, Infinity and numbers too large for "
+                             "a double are not allowed.", code="invalid_json") from None
+    except (ValueError, RecursionError):
+        raise InvalidRequest("Request body must be JSON.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object.", code="invalid_json")
+    return body
 
 
 def _require_model(body: Mapping[str, Any]) -> None:
@@ -33,6 +125,9 @@ def validate_chat(body: Mapping[str, Any]) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty array.", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"messages[{index}] must be an object.", param=f"messages[{index}]")
     _require_stream_flag(body)
 
 
