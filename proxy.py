@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from flask import Request, Response
 
-from cache_policy import Decision, decide, strip_proxy_controls, switch_value
+from cache_policy import Decision, decide, parse_request_controls, strip_proxy_controls, switch_value
 from cache_store import CachedEntry, NewEntry, SQLiteStore, StoreError
 from coalesce import Coalescer
 from config import Settings
@@ -98,10 +98,11 @@ class CompletionProxy:
         decision = decide(
             self.settings, endpoint.mode, body,
             bypass_header=switch_value(request.headers.get("X-Cache-Bypass", "0")),
+            controls=parse_request_controls(request.headers),
         )
         stream = wants_stream(body)
         if decision.read:
-            entry = self._lookup(decision.key)
+            entry = self._lookup(decision.key, decision.max_age)
             if entry is not None:
                 hit = self._answer_hit(endpoint, body, entry, Outcome("HIT", decision.key), stream)
                 if hit is not None:
@@ -112,7 +113,7 @@ class CompletionProxy:
             if not flight.leader:
                 flight.wait()
                 flight = None
-                entry = self._lookup(decision.key)
+                entry = self._lookup(decision.key, decision.max_age)
                 if entry is not None:
                     outcome = Outcome("HIT", decision.key, coalesced=True)
                     hit = self._answer_hit(endpoint, body, entry, outcome, stream)
@@ -130,9 +131,9 @@ class CompletionProxy:
 
     # -- hits -----------------------------------------------------------------------------------
 
-    def _lookup(self, key: str) -> CachedEntry | None:
+    def _lookup(self, key: str, max_age: int | None = None) -> CachedEntry | None:
         try:
-            return self.store.get(key)
+            return self.store.get(key, max_age=max_age)
         except StoreError as exc:
             log.warning("cache lookup failed, answering without the cache: %s", exc)
             return None
@@ -206,7 +207,8 @@ class CompletionProxy:
         request_json = decision.canonical[:-1] + f',"cache_key":"{decision.key}"}}'
         try:
             return self.store.put(NewEntry(decision.key, endpoint.mode, str(body.get("model")),
-                                           request_json, text))
+                                           request_json, text),
+                                  ttl_seconds=decision.ttl_seconds, namespace=decision.namespace)
         except StoreError as exc:
             log.warning("cache write failed: %s", exc)
             return "skipped: cache write failed"
