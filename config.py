@@ -127,6 +127,16 @@ class Settings:
     hit_flush_seconds: float = setting(
         "CACHE_HIT_FLUSH_SECONDS", 1.0, "float",
         "How often hit counters kept in memory are written to the database.")
+    cache_max_entries: int = setting(
+        "CACHE_MAX_ENTRIES", 0, "int",
+        "Most entries kept; least recently used are evicted in the background (0 = unbounded).")
+    cache_max_bytes: int = setting(
+        "CACHE_MAX_BYTES", 0, "int",
+        "Most bytes of stored request+response text; LRU eviction as above (0 = unbounded).")
+    cache_purge_interval_seconds: float = setting(
+        "CACHE_PURGE_INTERVAL_SECONDS", 60.0, "float",
+        "How often each worker purges expired entries and returns free space to the file system "
+        "(0 = only `flask cache purge`).")
 
 
 _FALLBACKS = {
