@@ -589,24 +589,46 @@ class SQLiteStore:
         freed = 0
         try:
             db = self._db()
-            while True:
+            while self._auto_vacuum_mode(db) == 2:
                 (free_pages,) = db.execute("PRAGMA freelist_count").fetchone()
-                (mode,) = db.execute("PRAGMA auto_vacuum").fetchone()
-                if not free_pages or mode != 2:
+                if not free_pages:
                     break
-                # executescript steps the pragma to the end; execute() would free one page.
-                db.executescript(f"PRAGMA incremental_vacuum({VACUUM_BATCH_PAGES});")
+                # BEGIN IMMEDIATE: wait for the write lock like every other write instead of
+                # failing at once; executescript steps the pragma to the end (execute() would
+                # free a single page).
+                try:
+                    db.executescript(
+                        f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({VACUUM_BATCH_PAGES}); COMMIT;")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
                 (left,) = db.execute("PRAGMA freelist_count").fetchone()
                 if left >= free_pages:
                     break
                 freed += free_pages - left
-            if freed:
-                # PASSIVE never waits for readers or writers; it copies the WAL back and, when it
-                # gets to the end, truncates the database file to its new size.
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # Every pass, not only after freeing pages: a checkpoint that a reader held back
+            # last time finishes now. PASSIVE never waits for readers or writers; it copies the
+            # WAL back and, when it gets to the end, truncates the database file to its new size.
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
         return freed
+
+    @staticmethod
+    def _auto_vacuum_mode(db: sqlite3.Connection) -> int:
+        # A connection caches the mode from the file header and refreshes it when a transaction
+        # reads the header; read first so a conversion made by another connection is seen.
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        (mode,) = db.execute("PRAGMA auto_vacuum").fetchone()
+        return int(mode)
+
+    def auto_vacuum_mode(self) -> int:
+        """0 none, 1 full, 2 incremental (what ``maintain`` switches every database to)."""
+        try:
+            return self._auto_vacuum_mode(self._db())
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
 
     def _ensure_incremental_vacuum(self) -> bool:
         """A database made without incremental auto-vacuum (the original server's) gets it.
@@ -618,17 +640,16 @@ class SQLiteStore:
         """
         try:
             db = self._db()
-            (mode,) = db.execute("PRAGMA auto_vacuum").fetchone()
-            if mode == 2:
+            if self._auto_vacuum_mode(db) == 2:
                 return False
             db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("VACUUM")
-            (mode,) = db.execute("PRAGMA auto_vacuum").fetchone()
+            converted = self._auto_vacuum_mode(db) == 2
         except sqlite3.Error as exc:
             log.warning("could not switch the cache database to incremental vacuum: %s", exc)
             return False
         log.info("cache database switched to incremental auto-vacuum")
-        return mode == 2
+        return converted
 
     # -- browsing, export and import ---------------------------------------------------------
 
