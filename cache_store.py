@@ -442,13 +442,19 @@ class SQLiteStore:
             self.flush()
         except StoreError as exc:  # pragma: no cover - logged, the process is exiting anyway
             log.warning("hit counters lost on close: %s", exc)
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for db in connections:
-            try:
-                db.close()
-            except sqlite3.Error:
-                pass
+        # Let a maintenance batch in progress finish before its connection goes away.
+        maintenance_done = self._maintenance_lock.acquire(timeout=10)
+        try:
+            with self._lock:
+                connections, self._connections = self._connections, []
+            for db in connections:
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
+        finally:
+            if maintenance_done:
+                self._maintenance_lock.release()
         self._local = threading.local()
         self._schema_ready_pid = None
         self._flusher_pid = None
@@ -505,29 +511,28 @@ class SQLiteStore:
         periodic = True  # the first pass runs at once: purge what expired while we were down
         while not stop.is_set():
             try:
-                if periodic:
-                    self.maintain()
-                else:
-                    self.maintain(purge=False)
+                self.maintain(purge=periodic, stop=stop)
             except Exception:  # the next pass tries again
                 log.exception("cache maintenance failed")
             woken = wake.wait(timeout)
             wake.clear()
             periodic = not woken
 
-    def maintain(self, *, purge: bool = True) -> MaintenanceReport:
+    def maintain(self, *, purge: bool = True,
+                 stop: threading.Event | None = None) -> MaintenanceReport:
         """Purge expired entries, evict over the bounds, hand free pages back to the file system.
 
         Runs in the background thread (and from ``flask cache purge``); never on a request.
+        ``stop`` (set by ``close``) ends the work between two batches.
         """
         with self._maintenance_lock:
             converted = self._ensure_incremental_vacuum() if purge else False
-            purged = self.purge_expired() if purge else 0
-            evicted = self.evict()
+            purged = self.purge_expired(stop) if purge else 0
+            evicted = self.evict(stop)
             pages = self.vacuum() if (purged or evicted or converted or purge) else 0
         return MaintenanceReport(purged, evicted, pages, converted)
 
-    def purge_expired(self) -> int:
+    def purge_expired(self, stop: threading.Event | None = None) -> int:
         """Delete every expired entry, a batch per transaction; returns how many."""
         now = self.clock()
         if self.ttl_seconds > 0:
@@ -543,10 +548,10 @@ class SQLiteStore:
         while True:
             deleted = int(self._write(lambda db: db.execute(sql, params).rowcount))  # type: ignore[arg-type]
             total += deleted
-            if deleted < MAINTENANCE_BATCH:
+            if deleted < MAINTENANCE_BATCH or (stop is not None and stop.is_set()):
                 return total
 
-    def evict(self) -> int:
+    def evict(self, stop: threading.Event | None = None) -> int:
         """Delete least-recently-used entries until both bounds hold; returns how many.
 
         Recency is the last hit, else the last store. Hit counters held in memory are written
@@ -560,7 +565,7 @@ class SQLiteStore:
         while True:
             deleted = int(self._write(self._evict_batch))  # type: ignore[arg-type]
             total += deleted
-            if deleted == 0:
+            if deleted == 0 or (stop is not None and stop.is_set()):
                 return total
 
     def _evict_batch(self, db: sqlite3.Connection) -> int:
