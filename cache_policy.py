@@ -9,10 +9,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from config import Settings
+from errors import InvalidRequest
 from secret_scan import CREDENTIAL_PATTERN, contains_secret  # noqa: F401 (re-exported)
 
 # Body fields that steer the proxy or the transport, never the answer.
@@ -32,14 +34,20 @@ def canonical_payload(mode: str, body: Mapping[str, Any], ignore_keys: frozenset
     return payload
 
 
-def hash_canonical(canonical: str, partition: str | None = None) -> str:
-    """The cache key: the original's sha256 of the canonical text, or, for a partitioned cache,
-    the sha256 of the partition and the text.
+def hash_canonical(canonical: str, partition: str | None = None, namespace: str | None = None) -> str:
+    """The cache key: the original's sha256 of the canonical text, unless a namespace
+    (X-Cache-Namespace) or a partition (a keyed hash of the client's API key) is given.
 
-    The partitioned form starts with "partition " where every canonical text starts with "{",
-    so no request body can produce another partition's key, nor an unpartitioned one.
+    Each prefix starts with a word where every canonical text starts with "{"; a namespace is
+    ended by a NUL, which canonical JSON never holds raw, and a partition (hex) by a newline. So
+    no request body can produce another namespace's or partition's key, nor an unprefixed one,
+    and keys with neither stay the original's, byte for byte.
     """
-    text = canonical if partition is None else f"partition {partition}\n{canonical}"
+    text = canonical
+    if namespace is not None:
+        text = f"namespace:{namespace}\x00{text}"
+    if partition is not None:
+        text = f"partition {partition}\n{text}"
     # surrogatepass: JSON may carry lone surrogates ("\ud800"); they must hash, not crash.
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -96,6 +104,84 @@ def contains_credentials(text: str) -> bool:
     return contains_secret(text)
 
 
+# -- per-request HTTP controls ---------------------------------------------------------------
+
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,63}")
+_DIGITS = re.compile(r"[0-9]{1,12}")
+
+
+@dataclass(frozen=True)
+class RequestControls:
+    """What the client asked of the cache in standard (and our own) request headers.
+
+    ``no_store``: may be answered from the cache, never written (RFC 9111's request no-store);
+    ``no_cache``: never answered from the cache, fetched fresh and the entry replaced;
+    ``max_age``: only entries stored at most this many seconds ago are served;
+    ``ttl_seconds``: this entry's own lifetime (0 = never expires);
+    ``namespace``: a separate key space.
+    """
+
+    no_store: bool = False
+    no_cache: bool = False
+    max_age: int | None = None
+    ttl_seconds: int | None = None
+    namespace: str | None = None
+
+
+def _header_error(message: str) -> InvalidRequest:
+    return InvalidRequest(message, code="invalid_request_header")
+
+
+def parse_cache_control(value: str | None) -> tuple[bool, bool, int | None]:
+    """(no_store, no_cache, max_age) from a Cache-Control request header.
+
+    Directive names are case-insensitive and comma separated; unknown directives are ignored as
+    HTTP requires; the smallest max-age wins when several are given; a max-age that is not a
+    non-negative integer is a client error.
+    """
+    no_store = no_cache = False
+    max_age: int | None = None
+    for directive in (value or "").split(","):
+        name, _, argument = directive.strip().partition("=")
+        name = name.strip().lower()
+        if name == "no-store":
+            no_store = True
+        elif name == "no-cache":
+            no_cache = True
+        elif name == "max-age":
+            argument = argument.strip()
+            if len(argument) >= 2 and argument[0] == argument[-1] == '"':
+                argument = argument[1:-1]
+            if not _DIGITS.fullmatch(argument):
+                raise _header_error(
+                    f"Cache-Control max-age must be a whole number of seconds, got {argument!r}.")
+            seconds = int(argument)
+            max_age = seconds if max_age is None else min(max_age, seconds)
+    return no_store, no_cache, max_age
+
+
+def parse_request_controls(headers: Mapping[str, str]) -> RequestControls:
+    """Read Cache-Control, X-Cache-TTL and X-Cache-Namespace; a bad value raises InvalidRequest."""
+    no_store, no_cache, max_age = parse_cache_control(headers.get("Cache-Control"))
+    ttl_seconds = None
+    ttl_text = (headers.get("X-Cache-TTL") or "").strip()
+    if ttl_text:
+        if not _DIGITS.fullmatch(ttl_text):
+            raise _header_error(
+                f"X-Cache-TTL must be a whole number of seconds (0 = never expires), got {ttl_text!r}.")
+        ttl_seconds = int(ttl_text)
+    namespace = (headers.get("X-Cache-Namespace") or "").strip() or None
+    if namespace is not None and not NAMESPACE_PATTERN.fullmatch(namespace):
+        raise _header_error(
+            "X-Cache-Namespace must be 1-64 characters: letters, digits and . _ : @ + / - "
+            "(starting with a letter or digit).")
+    return RequestControls(no_store, no_cache, max_age, ttl_seconds, namespace)
+
+
+def valid_namespace(namespace: str | None) -> bool:
+    return namespace is None or NAMESPACE_PATTERN.fullmatch(namespace) is not None
+
+
 @dataclass(frozen=True)
 class Decision:
     """What the cache may do with one request, and why not when it may not."""
@@ -105,6 +191,9 @@ class Decision:
     read: bool
     write: bool
     reason: str | None = None
+    max_age: int | None = None
+    ttl_seconds: int | None = None
+    namespace: str | None = None
 
     @property
     def bypass(self) -> bool:
@@ -118,19 +207,24 @@ def decide(
     *,
     bypass_header: bool = False,
     partition: str | None = None,
+    controls: RequestControls | None = None,
 ) -> Decision:
     """Derive the key and decide; the first reason that applies wins, as in the original.
 
     ``partition`` (a keyed hash of the client's API key, see key_partition) is mixed into the
-    key when given, so clients with different keys never share entries; without it the key is
-    byte-identical to the original server's.
+    key when given, so clients with different keys never share entries. ``controls`` (the
+    request's Cache-Control / X-Cache-* headers) come after the original's reasons:
+    ``no-store`` keeps the read and drops the write, ``no-cache`` drops the read. With neither a
+    partition nor a namespace the key is byte-identical to the original server's.
     """
+    controls = controls or RequestControls()
     ignore = ALWAYS_IGNORED_KEYS | frozenset(settings.cache_ignore_keys)
     canonical = canonical_json(canonical_payload(mode, body, ignore))
-    key = hash_canonical(canonical, partition)
+    key = hash_canonical(canonical, partition, controls.namespace)
 
     def bypass(reason: str) -> Decision:
-        return Decision(key, canonical, read=False, write=False, reason=reason)
+        return Decision(key, canonical, read=False, write=False, reason=reason,
+                        namespace=controls.namespace)
 
     if bypass_header:
         return bypass("X-Cache-Bypass requested")
@@ -144,4 +238,14 @@ def decide(
         return bypass("request is too large for cache")
     if contains_credentials(canonical):
         return bypass("request appears to contain credentials or secrets")
-    return Decision(key, canonical, read=True, write=True)
+    if controls.no_store and controls.no_cache:
+        return bypass("Cache-Control: no-store, no-cache requested")
+    return Decision(
+        key, canonical,
+        read=not controls.no_cache,
+        write=not controls.no_store,
+        reason="Cache-Control: no-store requested" if controls.no_store else None,
+        max_age=controls.max_age,
+        ttl_seconds=controls.ttl_seconds,
+        namespace=controls.namespace,
+    )

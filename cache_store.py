@@ -8,13 +8,14 @@ keeps serving hits; schema changes after that go through the numbered migrations
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("computer_use_cache.store")
 
@@ -304,11 +305,53 @@ class RequestTally:
         )
 
 
+def _m004_bounded_store(db: sqlite3.Connection) -> None:
+    """Per-entry expiry and namespace, and the indexes eviction, purging and listing walk.
+
+    ``expires_at`` NULL means "the server's CACHE_TTL_SECONDS counted from created_at"; a value
+    is the entry's own deadline (X-Cache-TTL). ``namespace`` NULL is the default key space.
+    Recency for LRU eviction is the last hit, else the last store: an expression index on it
+    lets eviction read the oldest rows without a scan.
+    """
+    columns = {row[1] for row in db.execute("PRAGMA table_info(completions)")}
+    if "expires_at" not in columns:
+        db.execute("ALTER TABLE completions ADD COLUMN expires_at REAL")
+    if "namespace" not in columns:
+        db.execute("ALTER TABLE completions ADD COLUMN namespace TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS idx_completions_recency "
+               "ON completions(coalesce(last_hit_at, updated_at))")
+    db.execute("CREATE INDEX IF NOT EXISTS idx_completions_expires_at ON completions(expires_at)")
+    db.execute("CREATE INDEX IF NOT EXISTS idx_completions_created_at ON completions(created_at)")
+    db.execute("CREATE INDEX IF NOT EXISTS idx_completions_namespace ON completions(namespace)")
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], ...] = (
     (1, "initial", _m001_initial),
     (2, "counters", _m002_counters),
     (3, "stats", _m003_stats),
+    (4, "bounded_store", _m004_bounded_store),
 )
+
+# Rows deleted per write transaction by eviction and purging: short transactions let request
+# writes interleave, and readers (hits) are never blocked under WAL anyway.
+MAINTENANCE_BATCH = 500
+# Free pages handed back per incremental_vacuum step, for the same reason.
+VACUUM_BATCH_PAGES = 2000
+# expires_at of an entry stored with X-Cache-TTL: 0 (never expires, whatever the server's TTL):
+# the last second of year 9999, a finite number so exports stay plain JSON.
+NEVER_EXPIRES = 253402300799.0
+# Bytes of one entry, as the stored_bytes counter measures them.
+ENTRY_SIZE_SQL = "length(CAST(request_json AS BLOB)) + length(CAST(response_json AS BLOB))"
+
+
+@dataclass(frozen=True)
+class MaintenanceReport:
+    """What one maintenance pass did."""
+
+    purged: int = 0
+    evicted: int = 0
+    vacuumed_pages: int = 0
+    converted_to_incremental: bool = False
 
 
 def hit_rate(hits: int, misses: int) -> float | None:
@@ -343,6 +386,9 @@ class SQLiteStore:
         busy_timeout_ms: int = 5000,
         reopen_seconds: float = 5.0,
         on_write: Callable[[sqlite3.Connection], None] | None = None,
+        max_entries: int = 0,
+        max_bytes: int = 0,
+        maintenance_seconds: float = 60.0,
     ):
         self.path = path
         self.ttl_seconds = ttl_seconds
@@ -356,8 +402,17 @@ class SQLiteStore:
         # SQLite faults here (PRAGMA max_page_count -> SQLITE_FULL, query_only -> SQLITE_READONLY).
         self.on_write = on_write
         self._unavailable: _Unavailable | None = None
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.maintenance_seconds = maintenance_seconds
+        self._maintainer_pid: int | None = None
+        self._maintainer_stop = threading.Event()
+        self._maintainer_wake = threading.Event()
+        self._maintenance_lock = threading.Lock()
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._file_lock = threading.Lock()
+        self._file_checked_pid: int | None = None
         self._pending_hits: dict[str, list[float]] = {}
         self._pending_requests = RequestTally()
         # Told the operation name whenever the database fails (the metrics count store errors).
@@ -369,28 +424,38 @@ class SQLiteStore:
 
     # -- connections -------------------------------------------------------------------------
 
-    def _prepare_file(self) -> None:
+    def _prepare_file(self) -> bool:
         """Create the database file and its directory private (0600 / 0700), or check that the
         file there is a SQLite database. A file that is not is never opened, written or removed.
+        True when the file is new (empty).
+
+        Done once per process, before its first connection: closing any descriptor of the file
+        would drop every POSIX lock SQLite holds on it in this process, and another process could
+        then take the database for its own and reset the write-ahead log under our readers.
         """
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        try:
-            # An empty file is a new database to SQLite; the -wal and -shm files it creates
-            # beside it take this file's mode, so they are private too.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            return
-        except FileExistsError:
-            pass
-        with open(self.path, "rb") as existing:
-            header = existing.read(len(SQLITE_MAGIC))
-        if header and header != SQLITE_MAGIC:
-            raise StoreError("the file at CACHE_DB_PATH is not a SQLite database (left untouched)")
+        pid = os.getpid()
+        with self._file_lock:
+            if self._file_checked_pid == pid:
+                return False
+            directory = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(directory):
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            try:
+                # An empty file is a new database to SQLite; the -wal and -shm files it creates
+                # beside it take this file's mode, so they are private too.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                header = b""
+            except FileExistsError:
+                with open(self.path, "rb") as existing:
+                    header = existing.read(len(SQLITE_MAGIC))
+            if header and header != SQLITE_MAGIC:
+                raise StoreError("the file at CACHE_DB_PATH is not a SQLite database (left untouched)")
+            self._file_checked_pid = pid
+            return not header
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            self._prepare_file()
+            new_file = self._prepare_file()
             # timeout: the busy timeout from the first statement on, so that even switching a
             # new file to WAL waits for a competing process instead of failing as locked.
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -400,8 +465,14 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the cache database: {exc}") from exc
         try:
+            if new_file:
+                # Before WAL, which writes the file header: a new file gets incremental
+                # auto-vacuum, so deleted entries' pages can be handed back to the file system
+                # later. An existing file is converted once by the VACUUM in ``maintain``; the
+                # pragma is not even tried there, since it would wait for the write lock.
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             # WAL: readers never block the writer nor each other, across processes.
-            db.execute("PRAGMA journal_mode=WAL")
+            self._enter_wal(db)
             # Wait for a competing writer instead of failing at once with SQLITE_BUSY.
             db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
             # NORMAL under WAL: a power cut may lose the last commits, never corrupt the file;
@@ -411,6 +482,20 @@ class SQLiteStore:
             db.close()
             raise StoreError(f"cannot open the cache database: {exc}") from exc
         return db
+
+    def _enter_wal(self, db: sqlite3.Connection) -> None:
+        """Switch to (or confirm) WAL. While another connection is switching a new file at the
+        same moment SQLite answers "locked" at once, without its busy handler: try again."""
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL").fetchall()
+                return
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) not in _BUSY_ERROR_CODES \
+                        or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
 
     def _db(self) -> sqlite3.Connection:
         local = self._local
@@ -525,57 +610,91 @@ class SQLiteStore:
 
     # -- the contract ------------------------------------------------------------------------
 
-    def is_expired(self, created_at: float, now: float | None = None) -> bool:
+    def is_expired(self, created_at: float, now: float | None = None,
+                   expires_at: float | None = None) -> bool:
+        """An entry's own deadline (X-Cache-TTL) wins; else the server's TTL from created_at."""
+        now = self.clock() if now is None else now
+        if expires_at is not None:
+            return now > expires_at
         if self.ttl_seconds <= 0:
             return False
-        return (self.clock() if now is None else now) - created_at > self.ttl_seconds
+        return now - created_at > self.ttl_seconds
 
-    def get(self, key: str) -> CachedEntry | None:
-        """The live entry for key, or None (absent, expired, or unreadable)."""
+    def expiry_time(self, created_at: float, expires_at: float | None) -> float | None:
+        """When an entry stops being served (None: never)."""
+        if expires_at is not None:
+            return None if expires_at >= NEVER_EXPIRES else expires_at
+        return created_at + self.ttl_seconds if self.ttl_seconds > 0 else None
+
+    def get(self, key: str, *, max_age: float | None = None) -> CachedEntry | None:
+        """The live entry for key, or None (absent, expired, or unreadable).
+
+        ``max_age`` (Cache-Control: max-age) also refuses an entry whose answer was stored more
+        than that many seconds ago (its updated_at: a forced refresh makes it young again).
+        """
+        self._start_maintainer()
         try:
             row = self._db().execute(
-                "SELECT mode, model, response_json, created_at, updated_at, hits "
+                "SELECT mode, model, response_json, created_at, updated_at, hits, expires_at "
                 "FROM completions WHERE cache_key = ?",
                 (key,),
             ).fetchone()
         except sqlite3.Error as exc:
             self._report_error("read")
             raise StoreError(str(exc)) from exc
-        if row is None or self.is_expired(row[3]):
+        if row is None:
             return None
-        return CachedEntry(key, *row)
+        now = self.clock()
+        if self.is_expired(row[3], now, row[6]):
+            return None
+        if max_age is not None and now - row[4] > max_age:
+            return None
+        return CachedEntry(key, *row[:6])
 
-    def put(self, entry: NewEntry) -> str:
+    def put(self, entry: NewEntry, *, ttl_seconds: float | None = None,
+            namespace: str | None = None) -> str:
         """Insert or replace; "stored" for a new (or expired) entry, "updated" otherwise.
 
         Replacing a live entry keeps its created_at, so the TTL counts from the first store.
+        ``ttl_seconds`` gives this entry its own lifetime from now (0 = never expires); without
+        it the server's TTL applies. The expiry follows the latest store of the key.
         """
+        self._start_maintainer()
         now = self.clock()
+        if ttl_seconds is None:
+            expires_at = None
+        elif ttl_seconds <= 0:
+            expires_at = NEVER_EXPIRES  # its own "never", not the server's TTL
+        else:
+            expires_at = now + ttl_seconds
 
         def upsert(db: sqlite3.Connection) -> str:
             row = db.execute(
-                "SELECT created_at FROM completions WHERE cache_key = ?", (entry.key,)
+                "SELECT created_at, expires_at FROM completions WHERE cache_key = ?", (entry.key,)
             ).fetchone()
             if row is None:
                 db.execute(
                     "INSERT INTO completions(cache_key, mode, model, request_json, response_json, "
-                    "created_at, updated_at, last_hit_at, hits) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 0)",
+                    "created_at, updated_at, last_hit_at, hits, expires_at, namespace) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ?)",
                     (entry.key, entry.mode, entry.model, entry.request_json, entry.response_json,
-                     now, now),
+                     now, now, expires_at, namespace),
                 )
                 return "stored"
-            if self.is_expired(row[0], now):
+            if self.is_expired(row[0], now, row[1]):
                 db.execute(
                     "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
-                    "created_at = ?, updated_at = ?, last_hit_at = NULL, hits = 0 WHERE cache_key = ?",
+                    "created_at = ?, updated_at = ?, last_hit_at = NULL, hits = 0, expires_at = ?, "
+                    "namespace = ? WHERE cache_key = ?",
                     (entry.mode, entry.model, entry.request_json, entry.response_json, now, now,
-                     entry.key),
+                     expires_at, namespace, entry.key),
                 )
                 return "stored"
             db.execute(
                 "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
-                "updated_at = ? WHERE cache_key = ?",
-                (entry.mode, entry.model, entry.request_json, entry.response_json, now, entry.key),
+                "updated_at = ?, expires_at = ?, namespace = ? WHERE cache_key = ?",
+                (entry.mode, entry.model, entry.request_json, entry.response_json, now,
+                 expires_at, namespace, entry.key),
             )
             return "updated"
 
@@ -589,7 +708,10 @@ class SQLiteStore:
             )
             return status
 
-        return self._write(upsert_with_savings)  # type: ignore[return-value]
+        outcome = self._write(upsert_with_savings)
+        if self.max_entries or self.max_bytes:
+            self._maintainer_wake.set()  # eviction runs in the background, never here
+        return outcome  # type: ignore[return-value]
 
     def record_hit(self, key: str) -> None:
         """Count a hit in memory; written with the next batch, not on the request path."""
@@ -753,20 +875,30 @@ class SQLiteStore:
     def close(self) -> None:
         """Flush pending hits and close this process's connections (graceful shutdown)."""
         self._flusher_stop.set()
+        self._maintainer_stop.set()
+        self._maintainer_wake.set()
         try:
             self.flush()
         except StoreError as exc:  # pragma: no cover - logged, the process is exiting anyway
             log.warning("hit counters lost on close: %s", exc)
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for db in connections:
-            try:
-                db.close()
-            except sqlite3.Error:
-                pass
+        # Let a maintenance batch in progress finish before its connection goes away.
+        maintenance_done = self._maintenance_lock.acquire(timeout=10)
+        try:
+            with self._lock:
+                connections, self._connections = self._connections, []
+            for db in connections:
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
+        finally:
+            if maintenance_done:
+                self._maintenance_lock.release()
         self._local = threading.local()
         self._schema_ready_pid = None
+        self._file_checked_pid = None
         self._flusher_pid = None
+        self._maintainer_pid = None
 
     # -- background hit flusher --------------------------------------------------------------
 
@@ -787,6 +919,320 @@ class SQLiteStore:
                 self.flush()
             except Exception:  # keep flushing whatever one batch did
                 log.exception("hit counter flush failed")
+
+
+    # -- bounds, expiry and space: the background maintainer ---------------------------------
+
+    @property
+    def bounded(self) -> bool:
+        return bool(self.max_entries or self.max_bytes)
+
+    def _start_maintainer(self) -> None:
+        """One maintenance thread per process, started by the first lookup or store after fork."""
+        pid = os.getpid()
+        if self._maintainer_pid == pid:
+            return
+        if self.maintenance_seconds <= 0 and not self.bounded:
+            return
+        with self._lock:
+            if self._maintainer_pid == pid:
+                return
+            self._maintainer_pid = pid
+            self._maintainer_stop = threading.Event()
+            self._maintainer_wake = threading.Event()
+            thread = threading.Thread(
+                target=self._maintain_forever, args=(self._maintainer_stop, self._maintainer_wake),
+                name="cache-maintainer", daemon=True,
+            )
+            thread.start()
+
+    def _maintain_forever(self, stop: threading.Event, wake: threading.Event) -> None:
+        timeout = self.maintenance_seconds if self.maintenance_seconds > 0 else None
+        periodic = True  # the first pass runs at once: purge what expired while we were down
+        while not stop.is_set():
+            try:
+                self.maintain(purge=periodic, stop=stop)
+            except Exception:  # the next pass tries again
+                log.exception("cache maintenance failed")
+            woken = wake.wait(timeout)
+            wake.clear()
+            periodic = not woken
+
+    def maintain(self, *, purge: bool = True,
+                 stop: threading.Event | None = None) -> MaintenanceReport:
+        """Purge expired entries, evict over the bounds, hand free pages back to the file system.
+
+        Runs in the background thread (and from ``flask cache purge``); never on a request.
+        ``stop`` (set by ``close``) ends the work between two batches.
+        """
+        with self._maintenance_lock:
+            converted = self._ensure_incremental_vacuum() if purge else False
+            purged = self.purge_expired(stop) if purge else 0
+            evicted = self.evict(stop)
+            pages = self.vacuum() if (purged or evicted or converted or purge) else 0
+        return MaintenanceReport(purged, evicted, pages, converted)
+
+    def purge_expired(self, stop: threading.Event | None = None) -> int:
+        """Delete every expired entry, a batch per transaction; returns how many."""
+        now = self.clock()
+        if self.ttl_seconds > 0:
+            condition = ("(expires_at IS NOT NULL AND expires_at < ?) "
+                         "OR (expires_at IS NULL AND created_at < ?)")
+            params: tuple = (now, now - self.ttl_seconds)
+        else:
+            condition = "expires_at IS NOT NULL AND expires_at < ?"
+            params = (now,)
+        sql = (f"DELETE FROM completions WHERE rowid IN "
+               f"(SELECT rowid FROM completions WHERE {condition} LIMIT {MAINTENANCE_BATCH})")
+        total = 0
+        while True:
+            deleted = int(self._write(lambda db: db.execute(sql, params).rowcount))  # type: ignore[arg-type]
+            total += deleted
+            if deleted < MAINTENANCE_BATCH or (stop is not None and stop.is_set()):
+                return total
+
+    def evict(self, stop: threading.Event | None = None) -> int:
+        """Delete least-recently-used entries until both bounds hold; returns how many.
+
+        Recency is the last hit, else the last store. Hit counters held in memory are written
+        first so a fresh hit counts; another worker's unflushed hits (at most
+        CACHE_HIT_FLUSH_SECONDS old) cannot be seen.
+        """
+        if not self.bounded:
+            return 0
+        self.flush()
+        total = 0
+        while True:
+            deleted = int(self._write(self._evict_batch))  # type: ignore[arg-type]
+            total += deleted
+            if deleted == 0 or (stop is not None and stop.is_set()):
+                return total
+
+    def _evict_batch(self, db: sqlite3.Connection) -> int:
+        counters = dict(db.execute(
+            "SELECT name, value FROM cache_counters WHERE name IN ('entries', 'stored_bytes')"))
+        excess_entries = int(counters.get("entries", 0)) - self.max_entries if self.max_entries else 0
+        excess_bytes = int(counters.get("stored_bytes", 0)) - self.max_bytes if self.max_bytes else 0
+        if excess_entries <= 0 and excess_bytes <= 0:
+            return 0
+        rows = db.execute(
+            f"SELECT cache_key, {ENTRY_SIZE_SQL} FROM completions "
+            f"ORDER BY coalesce(last_hit_at, updated_at) LIMIT {MAINTENANCE_BATCH}"
+        ).fetchall()
+        victims = []
+        for key, size in rows:
+            if excess_entries <= 0 and excess_bytes <= 0:
+                break
+            victims.append((key,))
+            excess_entries -= 1
+            excess_bytes -= size
+        db.executemany("DELETE FROM completions WHERE cache_key = ?", victims)
+        return len(victims)
+
+    def vacuum(self) -> int:
+        """Hand free pages back to the file system (incremental vacuum); returns pages freed."""
+        freed = 0
+        try:
+            db = self._db()
+            while self._auto_vacuum_mode(db) == 2:
+                (free_pages,) = db.execute("PRAGMA freelist_count").fetchone()
+                if not free_pages:
+                    break
+                # BEGIN IMMEDIATE: wait for the write lock like every other write instead of
+                # failing at once; executescript steps the pragma to the end (execute() would
+                # free a single page).
+                try:
+                    db.executescript(
+                        f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({VACUUM_BATCH_PAGES}); COMMIT;")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+                (left,) = db.execute("PRAGMA freelist_count").fetchone()
+                if left >= free_pages:
+                    break
+                freed += free_pages - left
+            # Every pass, not only after freeing pages: a checkpoint that a reader held back
+            # last time finishes now. PASSIVE never waits for readers or writers; it copies the
+            # WAL back and, when it gets to the end, truncates the database file to its new size.
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+        return freed
+
+    @staticmethod
+    def _auto_vacuum_mode(db: sqlite3.Connection) -> int:
+        # A connection caches the mode from the file header and refreshes it when a transaction
+        # reads the header; read first so a conversion made by another connection is seen.
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        (mode,) = db.execute("PRAGMA auto_vacuum").fetchone()
+        return int(mode)
+
+    def auto_vacuum_mode(self) -> int:
+        """0 none, 1 full, 2 incremental (what ``maintain`` switches every database to)."""
+        try:
+            return self._auto_vacuum_mode(self._db())
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+
+    def _ensure_incremental_vacuum(self) -> bool:
+        """A database made without incremental auto-vacuum (the original server's) gets it.
+
+        Setting the mode on a file that already holds tables only takes effect through a VACUUM,
+        which rewrites the file in one transaction: atomic (a crash leaves the old file), but it
+        needs free disk space of about the file's size and holds the write lock while it runs.
+        It runs once, here in the background; ``flask cache purge`` can do it ahead of time.
+        """
+        try:
+            db = self._db()
+            if self._auto_vacuum_mode(db) == 2:
+                return False
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            db.execute("VACUUM")
+            converted = self._auto_vacuum_mode(db) == 2
+        except sqlite3.Error as exc:
+            log.warning("could not switch the cache database to incremental vacuum: %s", exc)
+            return False
+        log.info("cache database switched to incremental auto-vacuum")
+        return converted
+
+    # -- browsing, export and import ---------------------------------------------------------
+
+    def db_file_bytes(self) -> int:
+        try:
+            return os.path.getsize(self.path)
+        except OSError:
+            return 0
+
+    def list_entries(self, *, limit: int = 50, after: tuple[float, str] | None = None,
+                     model: str | None = None, namespace: Any = ...) -> list[dict]:
+        """Entries newest first (by last store), ``limit`` of them after the ``after`` position.
+
+        ``namespace``: ``...`` for any, None for the default key space, or a name.
+        """
+        self.flush()
+        where, params = [], []
+        if after is not None:
+            where.append("(updated_at < ? OR (updated_at = ? AND cache_key < ?))")
+            params += [after[0], after[0], after[1]]
+        if model is not None:
+            where.append("model = ?")
+            params.append(model)
+        if namespace is None:
+            where.append("namespace IS NULL")
+        elif namespace is not ...:
+            where.append("namespace = ?")
+            params.append(namespace)
+        sql = (f"SELECT {_ENTRY_COLUMNS}, request_json FROM completions "
+               f"{'WHERE ' + ' AND '.join(where) if where else ''} "
+               f"ORDER BY updated_at DESC, cache_key DESC LIMIT ?")
+        params.append(int(limit))
+        try:
+            rows = self._db().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+        items = []
+        for row in rows:
+            item = self._entry_summary(row)
+            item["prompt"] = prompt_preview(row[-1])
+            items.append(item)
+        return items
+
+    def entry(self, key: str) -> dict | None:
+        """One entry with its stored request and response texts, or None."""
+        self.flush()
+        try:
+            row = self._db().execute(
+                f"SELECT {_ENTRY_COLUMNS}, request_json, response_json FROM completions "
+                f"WHERE cache_key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+        if row is None:
+            return None
+        item = self._entry_summary(row)
+        item["request_json"], item["response_json"] = row[-2], row[-1]
+        return item
+
+    def _entry_summary(self, row: tuple) -> dict:
+        (key, mode, model, namespace, created_at, updated_at, last_hit_at, hits, size,
+         expires_at) = row[:10]
+        return {
+            "key": key, "mode": mode, "model": model, "namespace": namespace,
+            "created_at": created_at, "updated_at": updated_at, "last_hit_at": last_hit_at,
+            "hits": hits, "size": size, "expires_at": self.expiry_time(created_at, expires_at),
+            "expired": self.is_expired(created_at, None, expires_at),
+        }
+
+    def export_rows(self, batch: int = MAINTENANCE_BATCH) -> Iterator[dict]:
+        """Every entry with the fields an import needs, in insertion order, a page at a time."""
+        self.flush()
+        last_rowid = -1
+        while True:
+            try:
+                rows = self._db().execute(
+                    "SELECT rowid, cache_key, mode, model, namespace, request_json, response_json, "
+                    "created_at, updated_at, expires_at FROM completions WHERE rowid > ? "
+                    "ORDER BY rowid LIMIT ?", (last_rowid, batch)).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(str(exc)) from exc
+            if not rows:
+                return
+            for row in rows:
+                last_rowid = row[0]
+                yield dict(zip(("key", "mode", "model", "namespace", "request_json",
+                                "response_json", "created_at", "updated_at", "expires_at"), row[1:]))
+
+    def insert_new(self, records: list[dict]) -> int:
+        """Insert entries whose key is absent; an existing entry is never touched.
+
+        Returns how many were inserted. Imported entries start with no hits of their own here.
+        """
+        rows = [(r["key"], r["mode"], r["model"], r["namespace"], r["request_json"],
+                 r["response_json"], r["created_at"], r["updated_at"], r["expires_at"])
+                for r in records]
+        return int(self._write(lambda db: db.executemany(  # type: ignore[arg-type]
+            "INSERT OR IGNORE INTO completions(cache_key, mode, model, namespace, request_json, "
+            "response_json, created_at, updated_at, expires_at, last_hit_at, hits) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0)", rows).rowcount))
+
+    def entry_count(self) -> int:
+        try:
+            (value,) = self._db().execute(
+                "SELECT coalesce(max(value), 0) FROM cache_counters WHERE name = 'entries'"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+        return int(value)
+
+
+_ENTRY_COLUMNS = (
+    "cache_key, mode, model, namespace, created_at, updated_at, last_hit_at, hits, "
+    f"{ENTRY_SIZE_SQL}, expires_at"
+)
+PROMPT_PREVIEW_CHARS = 80
+
+
+def prompt_preview(request_json: str, limit: int = PROMPT_PREVIEW_CHARS) -> str:
+    """The first words of what was asked: the last user message, or the legacy prompt."""
+    try:
+        request = json.loads(request_json)
+    except ValueError:
+        return ""
+    text: Any = ""
+    if isinstance(request, dict):
+        messages = request.get("messages")
+        if isinstance(messages, list):
+            users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+            chosen = users[-1] if users else (messages[-1] if messages else {})
+            text = chosen.get("content", "") if isinstance(chosen, dict) else ""
+        else:
+            text = request.get("prompt", "")
+    if isinstance(text, list):  # content parts, or a list of prompts
+        text = " ".join(
+            part.get("text", "") if isinstance(part, dict) else str(part) for part in text
+            if isinstance(part, (dict, str)))
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
 
 
 def _rollback(db: sqlite3.Connection) -> None:

@@ -153,6 +153,16 @@ class Settings:
     proxy_api_keys: tuple[str, ...] = setting(
         "PROXY_API_KEYS", (), "list",
         "Comma-separated keys clients must send as their bearer token; needs UPSTREAM_API_KEY.")
+    cache_max_entries: int = setting(
+        "CACHE_MAX_ENTRIES", 0, "int",
+        "Most entries kept; least recently used are evicted in the background (0 = unbounded).")
+    cache_max_bytes: int = setting(
+        "CACHE_MAX_BYTES", 0, "int",
+        "Most bytes of stored request+response text; LRU eviction as above (0 = unbounded).")
+    cache_purge_interval_seconds: float = setting(
+        "CACHE_PURGE_INTERVAL_SECONDS", 60.0, "float",
+        "How often each worker purges expired entries and returns free space to the file system "
+        "(0 = only `flask cache purge`).")
 
 
 _FALLBACKS = {

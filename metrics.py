@@ -97,6 +97,11 @@ class StoreCollector:
     def __init__(self, store: SQLiteStore):
         self.store = store
 
+    def describe(self):
+        """Nothing: registering must not open the database (a registry calls collect() to learn
+        the names of a collector without describe); the app opens it on first use, after fork."""
+        return []
+
     def collect(self):
         try:
             stats = self.store.stats()

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from flask import Request, Response
 
-from cache_policy import Decision, decide, strip_proxy_controls, switch_value
+from cache_policy import Decision, decide, parse_request_controls, strip_proxy_controls, switch_value
 from cache_store import CachedEntry, NewEntry, SQLiteStore, StoreError
 from coalesce import Coalescer
 from config import Settings
@@ -102,7 +102,7 @@ class CompletionProxy:
         decision = self._decide(endpoint, body, request)
         stream = wants_stream(body)
         if decision.read:
-            entry = self._lookup(decision.key)
+            entry = self._lookup(decision.key, decision.max_age)
             if entry is not None:
                 hit = self._answer_hit(endpoint, body, entry, Outcome("HIT", decision.key), stream)
                 if hit is not None:
@@ -113,7 +113,7 @@ class CompletionProxy:
             if not flight.leader:
                 flight.wait()
                 flight = None
-                entry = self._lookup(decision.key)
+                entry = self._lookup(decision.key, decision.max_age)
                 if entry is not None:
                     outcome = Outcome("HIT", decision.key, coalesced=True)
                     hit = self._answer_hit(endpoint, body, entry, outcome, stream)
@@ -141,6 +141,7 @@ class CompletionProxy:
             self.settings, endpoint.mode, body,
             bypass_header=switch_value(request.headers.get("X-Cache-Bypass", "0")),
             partition=partition,
+            controls=parse_request_controls(request.headers),
         )
         if decision.bypass:
             return decision
@@ -151,9 +152,9 @@ class CompletionProxy:
 
     # -- hits -----------------------------------------------------------------------------------
 
-    def _lookup(self, key: str) -> CachedEntry | None:
+    def _lookup(self, key: str, max_age: int | None = None) -> CachedEntry | None:
         try:
-            return self.store.get(key)
+            return self.store.get(key, max_age=max_age)
         except StoreError as exc:
             log.warning("cache lookup failed, answering without the cache: %s", exc)
             return None
@@ -227,7 +228,8 @@ class CompletionProxy:
         try:
             return self.store.put(NewEntry(decision.key, endpoint.mode, str(body.get("model")),
                                            _storable(request_json), _storable(text),
-                                           **self.observer.entry_figures(data)))
+                                           **self.observer.entry_figures(data)),
+                                  ttl_seconds=decision.ttl_seconds, namespace=decision.namespace)
         except StoreError as exc:
             log.warning("cache write failed: %s", exc)
             return f"skipped: cache write failed: {exc}"

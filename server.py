@@ -6,7 +6,10 @@ Production runs ``gunicorn -c gunicorn.conf.py 'server:create_app()'``; tests ca
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
+import json
 import logging
 import signal
 import sys
@@ -20,10 +23,12 @@ from werkzeug.serving import WSGIRequestHandler
 import guard
 from access_log import register_access_log
 from cache_store import SQLiteStore, StoreError
+from cli import cache_cli
 from coalesce import Coalescer
 from config import Settings, SettingsError, load_settings
 from dashboard import register_dashboard
-from errors import ApiError, AuthenticationFailed, MethodNotAllowed, NotFound, PayloadTooLarge
+from errors import ApiError, AuthenticationFailed, InvalidRequest, MethodNotAllowed, NotFound
+from errors import PayloadTooLarge
 from errors import ServiceUnavailable
 from errors import error_body
 from metrics import Monitor
@@ -36,7 +41,8 @@ log = logging.getLogger("computer_use_cache")
 EXTENSION = "computer_use_cache"
 ROOT_ENDPOINTS = ["/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/models",
                   "/cache/stats"]
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Cache-Bypass, X-Cache-Admin-Token"
+CORS_ALLOW_HEADERS = ("Authorization, Content-Type, X-Cache-Bypass, X-Cache-Admin-Token, "
+                      "Cache-Control, X-Cache-TTL, X-Cache-Namespace")
 CORS_EXPOSE_HEADERS = ", ".join(
     f"{prefix}{suffix}"
     for prefix in ("X-Computer-Use-Cache", "X-Code-Model-Cache")
@@ -48,7 +54,10 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
     """Build the app and everything it uses; nothing is opened until the first request."""
     settings = load_settings() if settings is None else settings
     store = store or SQLiteStore(settings.cache_db_path, settings.cache_ttl_seconds,
-                                 hit_flush_seconds=settings.hit_flush_seconds)
+                                 hit_flush_seconds=settings.hit_flush_seconds,
+                                 max_entries=settings.cache_max_entries,
+                                 max_bytes=settings.cache_max_bytes,
+                                 maintenance_seconds=settings.cache_purge_interval_seconds)
     coalescer = None
     if settings.cache_coalesce:
         coalescer = Coalescer(settings.cache_db_path + ".coalesce.lock",
@@ -114,6 +123,8 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
             raise ServiceUnavailable(f"The cache database is unavailable: {exc}") from exc
         return jsonify(ok=True, deleted=deleted)
 
+    register_entry_routes(app, settings, store)
+    app.cli.add_command(cache_cli)
     register_access_log(app, upstream.last_status, upstream.reset_last_status)
     register_http_behaviour(app, settings)
     # Stats, metrics and dashboard (issue 6): counts requests, serves /metrics, /dashboard and
@@ -122,6 +133,91 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
     monitor.register(app, lambda: require_admin(settings))
     register_dashboard(app, store, lambda: require_admin(settings))
     return app
+
+
+# -- /cache/entries: browse, inspect and delete single entries (admin) ---------------------------
+
+ENTRIES_DEFAULT_LIMIT = 50
+ENTRIES_MAX_LIMIT = 500
+
+
+def _encode_cursor(item: dict) -> str:
+    raw = json.dumps([item["updated_at"], item["key"]]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        updated_at, key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(key, str) or isinstance(updated_at, bool):
+            raise ValueError
+        return float(updated_at), key
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidRequest("cursor is not valid; use next_cursor from a previous page.",
+                             param="cursor") from None
+
+
+def register_entry_routes(app: Flask, settings: Settings, store: SQLiteStore) -> None:
+    """GET /cache/entries (paged), GET and DELETE /cache/entries/<key>."""
+
+    def unavailable(exc: StoreError) -> ServiceUnavailable:
+        return ServiceUnavailable(f"The cache database is unavailable: {exc}")
+
+    @app.get("/cache/entries")
+    def cache_entries():
+        require_admin(settings)
+        limit_text = request.args.get("limit", str(ENTRIES_DEFAULT_LIMIT))
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= ENTRIES_MAX_LIMIT:
+            raise InvalidRequest(f"limit must be a whole number from 1 to {ENTRIES_MAX_LIMIT}.",
+                                 param="limit")
+        limit = int(limit_text)
+        cursor = request.args.get("cursor")
+        after = _decode_cursor(cursor) if cursor else None
+        namespace: Any = ...
+        if "namespace" in request.args:
+            namespace = request.args["namespace"] or None  # empty: the default namespace
+        try:
+            items = store.list_entries(limit=limit + 1, after=after, model=request.args.get("model"),
+                                       namespace=namespace)
+        except StoreError as exc:
+            raise unavailable(exc) from exc
+        has_more = len(items) > limit
+        items = items[:limit]
+        next_cursor = _encode_cursor(items[-1]) if has_more else None
+        return jsonify(object="list", data=items, has_more=has_more, next_cursor=next_cursor)
+
+    @app.get("/cache/entries/<key>")
+    def cache_entry(key: str):
+        require_admin(settings)
+        try:
+            entry = store.entry(key)
+        except StoreError as exc:
+            raise unavailable(exc) from exc
+        if entry is None:
+            raise NotFound(f"No cache entry with key {key!r}.", param="key")
+        request_text, response_text = entry.pop("request_json"), entry.pop("response_json")
+        entry["request"] = _parse_stored(request_text)
+        entry["response"] = _parse_stored(response_text)
+        return jsonify(entry)
+
+    @app.delete("/cache/entries/<key>")
+    def cache_entry_delete(key: str):
+        require_admin(settings)
+        try:
+            deleted = store.delete(key)
+        except StoreError as exc:
+            raise unavailable(exc) from exc
+        if not deleted:
+            raise NotFound(f"No cache entry with key {key!r}.", param="key")
+        return jsonify(id=key, object="cache.entry", deleted=True)
+
+
+def _parse_stored(text: str) -> Any:
+    """Stored JSON as an object; an unreadable row is shown as its text, never a 500."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def require_admin(settings: Settings) -> None:
@@ -167,7 +263,7 @@ def register_http_behaviour(app: Flask, settings: Settings) -> None:
     @app.after_request
     def cors(response: Response) -> Response:
         response.headers["Access-Control-Allow-Origin"] = settings.cors_allow_origin
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
         response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
         return response
