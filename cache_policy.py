@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from config import Settings
 
@@ -29,9 +29,81 @@ CREDENTIAL_PATTERN = re.compile(
 )
 
 
+def starts_before_separators(separators: str, min_label: int, max_label: int):
+    """Candidate starts for a "label, spaces, separator" rule, found with str.find (C speed).
+
+    A match's label ends where the run of whitespace before one of its separators begins, so it
+    starts ``min_label``..``max_label`` characters earlier. Trying the pattern only there finds a
+    match exactly when a full search would, at a fraction of the cost on long base64 images.
+    """
+
+    def candidates(text: str) -> Iterator[int]:
+        for separator in separators:
+            position = text.find(separator)
+            while position >= 0:
+                label_end = position
+                while label_end > 0 and text[label_end - 1].isspace():  # the same set as re's \s
+                    label_end -= 1
+                yield from range(max(0, label_end - max_label), max(0, label_end - min_label + 1))
+                position = text.find(separator, position + 1)
+
+    return candidates
+
+
+@dataclass(frozen=True)
+class CredentialRule:
+    """One kind of secret. ``candidates`` (optional) lists the only offsets where a match can
+    start, so the regex runs there instead of at every character of a 400 KB request."""
+
+    name: str
+    pattern: re.Pattern
+    candidates: Callable[[str], Iterable[int]] | None = None
+
+    def found_in(self, text: str) -> bool:
+        if self.candidates is None:
+            return self.pattern.search(text) is not None
+        match = self.pattern.match
+        return any(match(text, start) is not None for start in self.candidates(text))
+
+
+# Every rule is tried on the canonical payload; a new kind of secret is one more entry here.
+# Labels are 6 ("secret", "passwd", "apikey") to 13 ("refresh_token") characters long; re's
+# IGNORECASE folds one character to one character, so those lengths hold for any casing.
+CREDENTIAL_RULES: tuple[CredentialRule, ...] = (
+    CredentialRule("labelled secret", CREDENTIAL_PATTERN, starts_before_separators(":=", 6, 13)),
+)
+
+
+_LONG_STRING = 256
+
+
+def _json_string(text: str, _escape=json.encoder.encode_basestring) -> str:
+    """What json.dumps(ensure_ascii=False) writes for a string, with a fast path for long ones.
+
+    json's own escaper walks a string one character at a time; a base64 screenshot needs no
+    escaping at all (printable, no quote, no backslash), so it is copied between quotes instead.
+    """
+    if len(text) >= _LONG_STRING and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return _escape(text)
+
+
 def canonical_json(value: Any) -> str:
-    """Sorted keys at every level, no whitespace, non-ASCII as itself: the original's key text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Sorted keys at every level, no whitespace, non-ASCII as itself: the original's key text.
+
+    The same text as ``json.dumps(value, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)`` (a test holds them equal), about five times faster on agent requests
+    that carry screenshots.
+    """
+    make_encoder = json.encoder.c_make_encoder
+    if make_encoder is None:  # pragma: no cover - CPython always has the C encoder
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    encode = make_encoder({}, _no_default, _json_string, None, ":", ",", True, False, True)
+    return "".join(encode(value, 0))
+
+
+def _no_default(value: Any) -> Any:
+    raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
 
 
 def canonical_payload(mode: str, body: Mapping[str, Any], ignore_keys: frozenset[str]) -> dict:
@@ -93,7 +165,7 @@ def model_is_cacheable(model: str, allowlist: tuple[str, ...], denylist: tuple[s
 
 
 def contains_credentials(text: str) -> bool:
-    return CREDENTIAL_PATTERN.search(text) is not None
+    return any(rule.found_in(text) for rule in CREDENTIAL_RULES)
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,15 @@ class Settings:
     hit_flush_seconds: float = setting(
         "CACHE_HIT_FLUSH_SECONDS", 1.0, "float",
         "How often hit counters kept in memory are written to the database.")
+    web_concurrency: int = setting(
+        "WEB_CONCURRENCY", 2, "int", "gunicorn worker processes (production config).")
+    gunicorn_threads: int = setting(
+        "GUNICORN_THREADS", 256, "int",
+        "Threads per gunicorn worker: requests (and streams) each worker holds at once.")
+    gunicorn_timeout: int = setting(
+        "GUNICORN_TIMEOUT", 60, "int",
+        "Seconds a worker's main loop may stay silent before gunicorn restarts it "
+        "(not a per-request limit: long streams are never cut by it).")
 
 
 _FALLBACKS = {

@@ -109,19 +109,27 @@ class CompletionProxy:
         flight = None
         if decision.write and self.coalescer is not None:
             flight = self.coalescer.begin(decision.key)
+            # A leader looks once more: a flight that ended between the lookup above and begin()
+            # has just stored the answer. A follower looks after the leader is done.
             if not flight.leader:
                 flight.wait()
                 flight = None
-                entry = self._lookup(decision.key)
-                if entry is not None:
-                    outcome = Outcome("HIT", decision.key, coalesced=True)
-                    hit = self._answer_hit(endpoint, body, entry, outcome, stream)
-                    if hit is not None:
-                        return hit
+            entry = self._lookup(decision.key)
+            if entry is not None:
+                outcome = Outcome("HIT", decision.key, coalesced=flight is None)
+                hit = self._answer_hit(endpoint, body, entry, outcome, stream)
+                if hit is not None:
+                    if flight is not None:
+                        flight.release()
+                    return hit
         try:
             if stream:
                 response = self._forward_stream(endpoint, body, request, decision, flight)
-                flight = None  # the stream releases it when it ends
+                if flight is not None:
+                    # The stream releases it once stored; this covers answers that never
+                    # became a stream (an upstream error) and clients that leave early.
+                    response.call_on_close(flight.release)
+                flight = None
                 return response
             return self._forward(endpoint, body, request, decision)
         finally:
