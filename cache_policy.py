@@ -29,13 +29,15 @@ CREDENTIAL_PATTERN = re.compile(
 )
 
 
-def starts_before_separators(separators: str, min_label: int, max_label: int):
+def starts_before_separators(separators: str, min_label: int, max_label: int, label_endings: str):
     """Candidate starts for a "label, spaces, separator" rule, found with str.find (C speed).
 
     A match's label ends where the run of whitespace before one of its separators begins, so it
-    starts ``min_label``..``max_label`` characters earlier. Trying the pattern only there finds a
-    match exactly when a full search would, at a fraction of the cost on long base64 images.
+    starts ``min_label``..``max_label`` characters earlier, and its last character is one of
+    ``label_endings`` (either case). Trying the pattern only there finds a match exactly when a
+    full search would, at a fraction of the cost on long base64 images.
     """
+    endings = frozenset(label_endings.lower() + label_endings.upper())
 
     def candidates(text: str) -> Iterator[int]:
         for separator in separators:
@@ -44,7 +46,8 @@ def starts_before_separators(separators: str, min_label: int, max_label: int):
                 label_end = position
                 while label_end > 0 and text[label_end - 1].isspace():  # the same set as re's \s
                     label_end -= 1
-                yield from range(max(0, label_end - max_label), max(0, label_end - min_label + 1))
+                if label_end and text[label_end - 1] in endings:
+                    yield from range(max(0, label_end - max_label), max(0, label_end - min_label + 1))
                 position = text.find(separator, position + 1)
 
     return candidates
@@ -68,13 +71,17 @@ class CredentialRule:
 
 # Every rule is tried on the canonical payload; a new kind of secret is one more entry here.
 # Labels are 6 ("secret", "passwd", "apikey") to 13 ("refresh_token") characters long; re's
-# IGNORECASE folds one character to one character, so those lengths hold for any casing.
+# IGNORECASE folds one character to one character, so those lengths hold for any casing; labels
+# end in y, t, d or n, letters that no other character folds to.
 CREDENTIAL_RULES: tuple[CredentialRule, ...] = (
-    CredentialRule("labelled secret", CREDENTIAL_PATTERN, starts_before_separators(":=", 6, 13)),
+    CredentialRule("labelled secret", CREDENTIAL_PATTERN, starts_before_separators(":=", 6, 13, "ytdn")),
 )
 
 
 _LONG_STRING = 256
+
+
+_PLAIN_ASCII = bytes(byte for byte in range(128) if byte >= 0x20 and byte not in b'"\\')
 
 
 def _json_string(text: str, _escape=json.encoder.encode_basestring) -> str:
@@ -83,8 +90,10 @@ def _json_string(text: str, _escape=json.encoder.encode_basestring) -> str:
     json's own escaper walks a string one character at a time; a base64 screenshot needs no
     escaping at all (printable, no quote, no backslash), so it is copied between quotes instead.
     """
-    if len(text) >= _LONG_STRING and text.isprintable() and '"' not in text and "\\" not in text:
-        return f'"{text}"'
+    if len(text) >= _LONG_STRING and text.isascii():
+        # ASCII (an O(1) flag on str): plain when nothing is left after deleting the safe bytes.
+        if not text.encode("ascii").translate(None, _PLAIN_ASCII):
+            return f'"{text}"'
     return _escape(text)
 
 
