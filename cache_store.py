@@ -138,6 +138,10 @@ class SQLiteStore:
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self._lock = threading.Lock()
+        # One writer per process at a time: threads queue on this lock and wake the moment it is
+        # free, instead of meeting SQLite's busy handler, which sleeps in growing steps (up to
+        # 100 ms) while another connection holds the write lock.
+        self._write_lock = threading.Lock()
         self._pending_hits: dict[str, list[float]] = {}
         self._schema_ready_pid: int | None = None
         self._flusher_pid: int | None = None
@@ -211,15 +215,20 @@ class SQLiteStore:
         """Run one write transaction; BEGIN IMMEDIATE so read-then-write never fails as locked."""
         db = self._db()
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = statements(db)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            with self._write_lock:
+                return self._transaction(db, statements)
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
+
+    @staticmethod
+    def _transaction(db: sqlite3.Connection, statements: Callable[[sqlite3.Connection], object]) -> object:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = statements(db)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         return result
 
     # -- the contract ------------------------------------------------------------------------

@@ -156,8 +156,11 @@ class CompletionProxy:
                 return None
         self.store.record_hit(entry.key)
         if stream:
-            return Response(replay(endpoint.mode, completion, wants_usage(body)),
-                            mimetype="text/event-stream", headers={**SSE_HEADERS, **outcome.headers()})
+            # A stored answer is complete: send its events in one write (still a chunked
+            # event stream), not one syscall per event.
+            events = b"".join(replay(endpoint.mode, completion, wants_usage(body)))
+            return Response(iter((events,)), mimetype="text/event-stream",
+                            headers={**SSE_HEADERS, **outcome.headers()})
         text = entry.response_json
         if self.settings.include_cache_metadata:
             text = json.dumps({**completion, "code_model_cache": outcome.metadata()}, ensure_ascii=False)
