@@ -7,6 +7,7 @@ and returns a ``Decision`` whose ``reason`` becomes the ``...-Bypass-Reason`` he
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import re
@@ -115,6 +116,12 @@ def _no_default(value: Any) -> Any:
     raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
 
 
+@functools.lru_cache(maxsize=16)
+def ignored_keys(configured: tuple[str, ...]) -> frozenset[str]:
+    """Fields left out of the key: computed once per configuration, not once per request."""
+    return ALWAYS_IGNORED_KEYS | frozenset(configured)
+
+
 def canonical_payload(mode: str, body: Mapping[str, Any], ignore_keys: frozenset[str]) -> dict:
     payload = {name: value for name, value in body.items() if name not in ignore_keys}
     payload["mode"] = mode
@@ -200,7 +207,7 @@ def decide(
     bypass_header: bool = False,
 ) -> Decision:
     """Derive the key and decide; the first reason that applies wins, as in the original."""
-    ignore = ALWAYS_IGNORED_KEYS | frozenset(settings.cache_ignore_keys)
+    ignore = ignored_keys(settings.cache_ignore_keys)
     canonical = canonical_json(canonical_payload(mode, body, ignore))
     key = hash_canonical(canonical)
 
