@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -82,6 +84,43 @@ class Outcome:
                 "store_status": self.store, "bypass_reason": self.reason}
 
 
+def _parse_stored(entry: CachedEntry) -> Any:
+    try:
+        return json.loads(entry.response_json)
+    except ValueError:
+        log.warning("unreadable cache entry %s treated as a miss", entry.key[:12])
+        return None
+
+
+class RecentReplays:
+    """A small LRU of rendered replays: agents that replay a run ask for the same streams again.
+
+    Keyed by entry version (key and updated_at), so a re-stored entry is never served stale;
+    deleted entries are never looked up here because the store lookup comes first.
+    """
+
+    def __init__(self, max_entries: int = 256, max_bytes: int = 64 * 1024):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, version: tuple) -> bytes | None:
+        with self._lock:
+            events = self._items.get(version)
+            if events is not None:
+                self._items.move_to_end(version)
+            return events
+
+    def put(self, version: tuple, events: bytes) -> None:
+        if len(events) > self.max_bytes:
+            return
+        with self._lock:
+            self._items[version] = events
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+
 class CompletionProxy:
     def __init__(self, settings: Settings, store: SQLiteStore, upstream: UpstreamClient,
                  coalescer: Coalescer | None):
@@ -89,6 +128,7 @@ class CompletionProxy:
         self.store = store
         self.upstream = upstream
         self.coalescer = coalescer
+        self._replays = RecentReplays()
 
     # -- entry point ----------------------------------------------------------------------------
 
@@ -148,23 +188,35 @@ class CompletionProxy:
     def _answer_hit(self, endpoint: Endpoint, body: dict, entry: CachedEntry, outcome: Outcome,
                     stream: bool) -> Response | None:
         """The stored answer, as JSON or replayed as a stream; None if the row is unreadable."""
-        if stream or self.settings.include_cache_metadata:
-            try:
-                completion = json.loads(entry.response_json)
-            except ValueError:
-                log.warning("unreadable cache entry %s treated as a miss", entry.key[:12])
-                return None
-        self.store.record_hit(entry.key)
         if stream:
-            # A stored answer is complete: send its events in one write (still a chunked
+            events = self._replayed(endpoint, entry, wants_usage(body))
+            if events is None:
+                return None
+            self.store.record_hit(entry.key)
+            # A stored answer is complete: its events go out in one write (still a chunked
             # event stream), not one syscall per event.
-            events = b"".join(replay(endpoint.mode, completion, wants_usage(body)))
             return Response(iter((events,)), mimetype="text/event-stream",
                             headers={**SSE_HEADERS, **outcome.headers()})
         text = entry.response_json
         if self.settings.include_cache_metadata:
+            completion = _parse_stored(entry)
+            if completion is None:
+                return None
             text = json.dumps({**completion, "code_model_cache": outcome.metadata()}, ensure_ascii=False)
+        self.store.record_hit(entry.key)
         return Response(text, mimetype="application/json", headers=outcome.headers())
+
+    def _replayed(self, endpoint: Endpoint, entry: CachedEntry, include_usage: bool) -> bytes | None:
+        """The SSE bytes of a stored answer, rendered once per entry version and kept a while."""
+        version = (entry.key, entry.updated_at, endpoint.mode, include_usage)
+        events = self._replays.get(version)
+        if events is None:
+            completion = _parse_stored(entry)
+            if completion is None:
+                return None
+            events = b"".join(replay(endpoint.mode, completion, include_usage))
+            self._replays.put(version, events)
+        return events
 
     # -- misses ---------------------------------------------------------------------------------
 
