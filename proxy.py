@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -92,33 +93,40 @@ def _parse_stored(entry: CachedEntry) -> Any:
         return None
 
 
-class RecentReplays:
-    """A small LRU of rendered replays: agents that replay a run ask for the same streams again.
+class RecentItems:
+    """A small thread-safe LRU (values of at most ``max_bytes`` when they are bytes)."""
 
-    Keyed by entry version (key and updated_at), so a re-stored entry is never served stale;
-    deleted entries are never looked up here because the store lookup comes first.
-    """
-
-    def __init__(self, max_entries: int = 256, max_bytes: int = 64 * 1024):
+    def __init__(self, max_entries: int, max_bytes: int = 64 * 1024):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._items: OrderedDict[Any, Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, version: tuple) -> bytes | None:
+    def get(self, name: Any) -> Any:
         with self._lock:
-            events = self._items.get(version)
-            if events is not None:
-                self._items.move_to_end(version)
-            return events
+            value = self._items.get(name)
+            if value is not None:
+                self._items.move_to_end(name)
+            return value
 
-    def put(self, version: tuple, events: bytes) -> None:
-        if len(events) > self.max_bytes:
+    def put(self, name: Any, value: Any) -> None:
+        if isinstance(value, bytes) and len(value) > self.max_bytes:
             return
         with self._lock:
-            self._items[version] = events
+            self._items[name] = value
             while len(self._items) > self.max_entries:
                 self._items.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class KnownRequest:
+    """What a cacheable request's exact bytes were found to mean: enough to answer a hit
+    without parsing, validating and canonicalising the body again. Agents resend the same
+    bytes (a replayed run); a changed byte is a different request and takes the full path."""
+
+    key: str
+    stream: bool
+    include_usage: bool
 
 
 class CompletionProxy:
@@ -128,22 +136,39 @@ class CompletionProxy:
         self.store = store
         self.upstream = upstream
         self.coalescer = coalescer
-        self._replays = RecentReplays()
+        # Rendered replays, keyed by entry version, so a re-stored entry is never served
+        # stale; a deleted entry is never reached because the store lookup comes first.
+        self._replays = RecentItems(256)
+        # (mode, sha256 of the body bytes) -> KnownRequest, for cacheable requests only.
+        self._known = RecentItems(4096)
 
     # -- entry point ----------------------------------------------------------------------------
 
     def handle(self, endpoint: Endpoint, request: Request) -> Response:
+        bypass_header = switch_value(request.headers.get("X-Cache-Bypass", "0"))
+        fingerprint = None
+        if not bypass_header:
+            # The decision depends only on the settings (fixed), the mode and these bytes.
+            fingerprint = (endpoint.mode, hashlib.sha256(request.get_data()).digest())
+            known = self._known.get(fingerprint)
+            if known is not None:
+                entry = self._lookup(known.key)
+                if entry is not None:
+                    hit = self._answer_hit(endpoint, entry, Outcome("HIT", known.key), known.stream,
+                                           known.include_usage)
+                    if hit is not None:
+                        return hit
         body = parse_json_body(request)
         endpoint.validate(body)
-        decision = decide(
-            self.settings, endpoint.mode, body,
-            bypass_header=switch_value(request.headers.get("X-Cache-Bypass", "0")),
-        )
+        decision = decide(self.settings, endpoint.mode, body, bypass_header=bypass_header)
         stream = wants_stream(body)
         if decision.read:
+            if fingerprint is not None:
+                self._known.put(fingerprint, KnownRequest(decision.key, stream, wants_usage(body)))
             entry = self._lookup(decision.key)
             if entry is not None:
-                hit = self._answer_hit(endpoint, body, entry, Outcome("HIT", decision.key), stream)
+                hit = self._answer_hit(endpoint, entry, Outcome("HIT", decision.key), stream,
+                                       wants_usage(body))
                 if hit is not None:
                     return hit
         flight = None
@@ -157,7 +182,7 @@ class CompletionProxy:
             entry = self._lookup(decision.key)
             if entry is not None:
                 outcome = Outcome("HIT", decision.key, coalesced=flight is None)
-                hit = self._answer_hit(endpoint, body, entry, outcome, stream)
+                hit = self._answer_hit(endpoint, entry, outcome, stream, wants_usage(body))
                 if hit is not None:
                     if flight is not None:
                         flight.release()
@@ -185,11 +210,11 @@ class CompletionProxy:
             log.warning("cache lookup failed, answering without the cache: %s", exc)
             return None
 
-    def _answer_hit(self, endpoint: Endpoint, body: dict, entry: CachedEntry, outcome: Outcome,
-                    stream: bool) -> Response | None:
+    def _answer_hit(self, endpoint: Endpoint, entry: CachedEntry, outcome: Outcome,
+                    stream: bool, include_usage: bool) -> Response | None:
         """The stored answer, as JSON or replayed as a stream; None if the row is unreadable."""
         if stream:
-            events = self._replayed(endpoint, entry, wants_usage(body))
+            events = self._replayed(endpoint, entry, include_usage)
             if events is None:
                 return None
             self.store.record_hit(entry.key)

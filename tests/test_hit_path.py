@@ -45,3 +45,18 @@ def test_hit_path__a_cleared_entry_is_not_replayed(start_proxy, fake_upstream, h
 
     assert streamed_text(client, body)[0] == "MISS"
     assert len(fake_upstream.calls()) == 2
+
+
+def test_hit_path__known_bytes_still_honour_the_bypass_header(proxy, fake_upstream, http):
+    data = json.dumps(chat_body("same bytes")).encode()
+    headers = {"Content-Type": "application/json"}
+    url = proxy.url + "/v1/chat/completions"
+    assert http.post(url, data=data, headers=headers).headers["X-Computer-Use-Cache"] == "MISS"
+    assert http.post(url, data=data, headers=headers).headers["X-Computer-Use-Cache"] == "HIT"
+
+    bypassed = http.post(url, data=data, headers={**headers, "X-Cache-Bypass": "1"})
+    respaced = http.post(url, data=json.dumps(chat_body("same bytes"), indent=2).encode(), headers=headers)
+
+    assert bypassed.headers["X-Computer-Use-Cache"] == "BYPASS"
+    assert respaced.headers["X-Computer-Use-Cache"] == "HIT"  # same meaning, other bytes: full path
+    assert len(fake_upstream.calls()) == 2
