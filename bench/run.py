@@ -280,7 +280,7 @@ def paired(first: tuple[int, bytes], second: tuple[int, bytes], seconds: float,
 
 
 def alternating_load(first: tuple[int, bytes], second: tuple[int, bytes], *, connections: int,
-                     processes: int, seconds: float, rounds: int = 2) -> tuple[Result, Result]:
+                     processes: int, seconds: float, rounds: int = 3) -> tuple[Result, Result]:
     """Throughput runs of two servers in alternating slices, summed per server."""
     totals = (Result(), Result())
     for _ in range(rounds):
@@ -300,7 +300,7 @@ def p50(latencies: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=4.0, help="length of each throughput run")
+    parser.add_argument("--seconds", type=float, default=6.0, help="length of each throughput run")
     parser.add_argument("--rows", type=int, default=1_000_000, help="entries for the large-store figure")
     parser.add_argument("--load-processes", type=int, default=4, help="load generator processes")
     args = parser.parse_args(argv)
