@@ -173,7 +173,8 @@ class CompletionProxy:
                     return hit
         flight = None
         if decision.write and self.coalescer is not None:
-            flight = self.coalescer.begin(decision.key)
+            flight = self._begin_flight(decision.key)
+        if flight is not None:
             # A leader looks once more: a flight that ended between the lookup above and begin()
             # has just stored the answer. A follower looks after the leader is done.
             if not flight.leader:
@@ -200,6 +201,14 @@ class CompletionProxy:
         finally:
             if flight is not None:
                 flight.release()
+
+    def _begin_flight(self, key: str):
+        """Join the flight for key; without one (the lock file is unusable) just go upstream."""
+        try:
+            return self.coalescer.begin(key)
+        except OSError as exc:
+            log.warning("request coalescing unavailable, going upstream alone: %s", exc)
+            return None
 
     # -- hits -----------------------------------------------------------------------------------
 

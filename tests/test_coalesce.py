@@ -140,3 +140,13 @@ def test_coalescer__a_follower_stops_waiting_at_the_timeout(tmp_path):
     assert time.monotonic() - began < 1
     leader.release()
     assert coalescer.begin("k").leader
+
+
+def test_coalesce__an_unusable_lock_file_only_turns_coalescing_off(start_proxy, fake_upstream, tmp_path):
+    (tmp_path / "cache.sqlite3.coalesce.lock").mkdir()  # os.open(O_RDWR) on it fails
+    proxy = start_proxy()
+
+    replies = post_all(proxy.url, [chat_body("no lock file")] * 3)
+
+    assert {reply.status_code for reply in replies} == {200}
+    assert len(fake_upstream.calls()) >= 1
