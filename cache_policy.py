@@ -7,6 +7,7 @@ and returns a ``Decision`` whose ``reason`` becomes the ``...-Bypass-Reason`` he
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import re
@@ -23,9 +24,47 @@ ALWAYS_IGNORED_KEYS = frozenset({"stream", "stream_options", "cache", "cache_con
 _TRUE_WORDS = {"1", "true", "yes", "on", "y", "t"}
 
 
+_LONG_STRING = 256
+
+
+_PLAIN_ASCII = bytes(byte for byte in range(128) if byte >= 0x20 and byte not in b'"\\')
+
+
+def _json_string(text: str, _escape=json.encoder.encode_basestring) -> str:
+    """What json.dumps(ensure_ascii=False) writes for a string, with a fast path for long ones.
+
+    json's own escaper walks a string one character at a time; a base64 screenshot needs no
+    escaping at all (printable, no quote, no backslash), so it is copied between quotes instead.
+    """
+    if len(text) >= _LONG_STRING and text.isascii():
+        # ASCII (an O(1) flag on str): plain when nothing is left after deleting the safe bytes.
+        if not text.encode("ascii").translate(None, _PLAIN_ASCII):
+            return f'"{text}"'
+    return _escape(text)
+
+
 def canonical_json(value: Any) -> str:
-    """Sorted keys at every level, no whitespace, non-ASCII as itself: the original's key text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Sorted keys at every level, no whitespace, non-ASCII as itself: the original's key text.
+
+    The same text as ``json.dumps(value, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)`` (a test holds them equal), about five times faster on agent requests
+    that carry screenshots.
+    """
+    make_encoder = json.encoder.c_make_encoder
+    if make_encoder is None:  # pragma: no cover - CPython always has the C encoder
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    encode = make_encoder({}, _no_default, _json_string, None, ":", ",", True, False, True)
+    return "".join(encode(value, 0))
+
+
+def _no_default(value: Any) -> Any:
+    raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
+
+
+@functools.lru_cache(maxsize=16)
+def ignored_keys(configured: tuple[str, ...]) -> frozenset[str]:
+    """Fields left out of the key: computed once per configuration, not once per request."""
+    return ALWAYS_IGNORED_KEYS | frozenset(configured)
 
 
 def canonical_payload(mode: str, body: Mapping[str, Any], ignore_keys: frozenset[str]) -> dict:
@@ -218,7 +257,7 @@ def decide(
     partition nor a namespace the key is byte-identical to the original server's.
     """
     controls = controls or RequestControls()
-    ignore = ALWAYS_IGNORED_KEYS | frozenset(settings.cache_ignore_keys)
+    ignore = ignored_keys(settings.cache_ignore_keys)
     canonical = canonical_json(canonical_payload(mode, body, ignore))
     key = hash_canonical(canonical, partition, controls.namespace)
 

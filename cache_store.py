@@ -413,6 +413,10 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._file_lock = threading.Lock()
         self._file_checked_pid: int | None = None
+        # One writer per process at a time: threads queue on this lock and wake the moment it is
+        # free, instead of meeting SQLite's busy handler, which sleeps in growing steps (up to
+        # 100 ms) while another connection holds the write lock.
+        self._write_lock = threading.Lock()
         self._pending_hits: dict[str, list[float]] = {}
         self._pending_requests = RequestTally()
         # Told the operation name whenever the database fails (the metrics count store errors).
@@ -590,18 +594,23 @@ class SQLiteStore:
         """Run one write transaction; BEGIN IMMEDIATE so read-then-write never fails as locked."""
         db = self._db()
         try:
-            if self.on_write is not None:
-                self.on_write(db)
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = statements(db)
-                db.execute("COMMIT")
-            except BaseException:
-                _rollback(db)
-                raise
+            with self._write_lock:
+                if self.on_write is not None:
+                    self.on_write(db)
+                return self._transaction(db, statements)
         except sqlite3.Error as exc:
             self._report_error("write")
             raise StoreError(str(exc)) from exc
+
+    @staticmethod
+    def _transaction(db: sqlite3.Connection, statements: Callable[[sqlite3.Connection], object]) -> object:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = statements(db)
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
         return result
 
     def _report_error(self, operation: str) -> None:

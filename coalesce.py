@@ -9,6 +9,7 @@ once, rather than queueing behind one another.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -76,16 +77,24 @@ class Coalescer:
                 return Flight(self, key, event, leader=False)
             event = threading.Event()
             self._in_flight[key] = event
-        if self._try_lock(fd, key):
+        try:
+            locked = self._try_lock(fd, key)
+        except OSError:
+            self._finish(key)  # let this process's followers go on without us
+            raise
+        if locked:
             return Flight(self, key, event, leader=True)
         return Flight(self, key, event, leader=False, watches_other_process=True)
 
     def _try_lock(self, fd: int, key: str) -> bool:
+        """True when we hold the key's byte now; False when another process does."""
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._offset(key), os.SEEK_SET)
             return True
-        except OSError:
-            return False
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise  # the lock itself is broken: never wait on it
 
     def _unlock(self, key: str) -> None:
         fcntl.lockf(self._lock_fd(), fcntl.LOCK_UN, 1, self._offset(key), os.SEEK_SET)
@@ -114,5 +123,7 @@ class Coalescer:
                     return True
                 time.sleep(self.poll_seconds)
             return False
+        except OSError:
+            return False  # cannot watch the other process: stop waiting, go upstream
         finally:
             self._finish(flight.key)

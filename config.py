@@ -163,6 +163,15 @@ class Settings:
         "CACHE_PURGE_INTERVAL_SECONDS", 60.0, "float",
         "How often each worker purges expired entries and returns free space to the file system "
         "(0 = only `flask cache purge`).")
+    web_concurrency: int = setting(
+        "WEB_CONCURRENCY", 2, "int", "gunicorn worker processes (production config).")
+    gunicorn_threads: int = setting(
+        "GUNICORN_THREADS", 256, "int",
+        "Threads per gunicorn worker: requests (and streams) each worker holds at once.")
+    gunicorn_timeout: int = setting(
+        "GUNICORN_TIMEOUT", 60, "int",
+        "Seconds a worker's main loop may stay silent before gunicorn restarts it "
+        "(not a per-request limit: long streams are never cut by it).")
 
 
 _FALLBACKS = {

@@ -57,6 +57,10 @@ class RequestObserver:
 
     def request_body(self, body: dict) -> None:
         """The parsed body of a completion request (its model is counted when it is answered)."""
+        self.request_model(body.get("model"))
+
+    def request_model(self, model: Any) -> None:
+        """The model of a completion request, counted when it is answered."""
 
     def entry_figures(self, completion: Any) -> dict[str, Any]:
         """Extra NewEntry fields for an answer about to be stored."""
@@ -172,8 +176,7 @@ class Monitor(RequestObserver):
         self.upstream_requests.labels(status).inc()
         self.upstream_latency.observe(seconds)
 
-    def request_body(self, body: dict) -> None:
-        model = body.get("model")
+    def request_model(self, model: Any) -> None:
         g.computer_use_cache_model = model[:200] if isinstance(model, str) and model else "unknown"
 
     def entry_figures(self, completion: Any) -> dict[str, Any]:

@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
@@ -31,6 +34,8 @@ log = logging.getLogger("computer_use_cache.proxy")
 
 HEADER_PREFIXES = ("X-Computer-Use-Cache", "X-Code-Model-Cache")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Request headers that change what the cache may do; their requests skip the known-bytes path.
+_CONTROL_HEADERS = ("X-Cache-Bypass", "Cache-Control", "X-Cache-TTL", "X-Cache-Namespace")
 _UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x7e]")
 
 
@@ -83,6 +88,50 @@ class Outcome:
                 "store_status": self.store, "bypass_reason": self.reason}
 
 
+def _parse_stored(entry: CachedEntry) -> Any:
+    try:
+        return json.loads(entry.response_json)
+    except ValueError:
+        log.warning("unreadable cache entry %s treated as a miss", entry.key[:12])
+        return None
+
+
+class RecentItems:
+    """A small thread-safe LRU (values of at most ``max_bytes`` when they are bytes)."""
+
+    def __init__(self, max_entries: int, max_bytes: int = 64 * 1024):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: Any) -> Any:
+        with self._lock:
+            value = self._items.get(name)
+            if value is not None:
+                self._items.move_to_end(name)
+            return value
+
+    def put(self, name: Any, value: Any) -> None:
+        if isinstance(value, bytes) and len(value) > self.max_bytes:
+            return
+        with self._lock:
+            self._items[name] = value
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class KnownRequest:
+    """What a cacheable request's exact bytes were found to mean: enough to answer a hit
+    without parsing, validating and canonicalising the body again. Agents resend the same
+    bytes (a replayed run); a changed byte is a different request and takes the full path."""
+
+    key: str
+    stream: bool
+    include_usage: bool
+
+
 class CompletionProxy:
     def __init__(self, settings: Settings, store: SQLiteStore, upstream: UpstreamClient,
                  coalescer: Coalescer | None):
@@ -92,42 +141,86 @@ class CompletionProxy:
         self.coalescer = coalescer
         self.observer = RequestObserver()  # create_app puts its metrics.Monitor here
         self.partitions = ClientPartitions(settings)
+        # Rendered replays, keyed by entry version, so a re-stored entry is never served
+        # stale; a deleted entry is never reached because the store lookup comes first.
+        self._replays = RecentItems(256)
+        # (mode, sha256 of the body bytes) -> KnownRequest, for cacheable requests only.
+        self._known = RecentItems(4096)
 
     # -- entry point ----------------------------------------------------------------------------
 
     def handle(self, endpoint: Endpoint, request: Request) -> Response:
+        fingerprint = self._fingerprint(endpoint, request)
+        if fingerprint is not None:
+            known = self._known.get(fingerprint)
+            if known is not None:
+                entry = self._lookup(known.key)
+                if entry is not None:
+                    self.observer.request_model(entry.model)
+                    hit = self._answer_hit(endpoint, entry, Outcome("HIT", known.key), known.stream,
+                                           known.include_usage)
+                    if hit is not None:
+                        return hit
         body = parse_json_body(request)
         self.observer.request_body(body)
         endpoint.validate(body)
         decision = self._decide(endpoint, body, request)
         stream = wants_stream(body)
+        include_usage = wants_usage(body)
         if decision.read:
+            if fingerprint is not None:
+                self._known.put(fingerprint, KnownRequest(decision.key, stream, include_usage))
             entry = self._lookup(decision.key, decision.max_age)
             if entry is not None:
-                hit = self._answer_hit(endpoint, body, entry, Outcome("HIT", decision.key), stream)
+                hit = self._answer_hit(endpoint, entry, Outcome("HIT", decision.key), stream,
+                                       include_usage)
                 if hit is not None:
                     return hit
         flight = None
         if decision.write and self.coalescer is not None:
-            flight = self.coalescer.begin(decision.key)
+            flight = self._begin_flight(decision.key)
+        if flight is not None:
+            # A leader looks once more: a flight that ended between the lookup above and begin()
+            # has just stored the answer. A follower looks after the leader is done. A forced
+            # refresh (no-cache) never takes a stored answer.
             if not flight.leader:
                 flight.wait()
                 flight = None
-                entry = self._lookup(decision.key, decision.max_age)
-                if entry is not None:
-                    outcome = Outcome("HIT", decision.key, coalesced=True)
-                    hit = self._answer_hit(endpoint, body, entry, outcome, stream)
-                    if hit is not None:
-                        return hit
+            entry = self._lookup(decision.key, decision.max_age) if decision.read else None
+            if entry is not None:
+                outcome = Outcome("HIT", decision.key, coalesced=flight is None)
+                hit = self._answer_hit(endpoint, entry, outcome, stream, include_usage)
+                if hit is not None:
+                    if flight is not None:
+                        flight.release()
+                    return hit
         try:
             if stream:
                 response = self._forward_stream(endpoint, body, request, decision, flight)
-                flight = None  # the stream releases it when it ends
+                if flight is not None:
+                    # The stream releases it once stored; this covers answers that never
+                    # became a stream (an upstream error) and clients that leave early.
+                    response.call_on_close(flight.release)
+                flight = None
                 return response
             return self._forward(endpoint, body, request, decision)
         finally:
             if flight is not None:
                 flight.release()
+
+    def _fingerprint(self, endpoint: Endpoint, request: Request) -> tuple[str, bytes] | None:
+        """What identifies a request's decision without parsing it: the mode, the exact body
+        bytes and (when the cache is partitioned by client key) the Authorization header.
+
+        None for requests that carry per-request cache headers: they take the full path.
+        """
+        headers = request.headers
+        if any(name in headers for name in _CONTROL_HEADERS):
+            return None
+        digest = hashlib.sha256(request.get_data())
+        if self.partitions.enabled:
+            digest.update(b"\0" + headers.get("Authorization", "").encode("utf-8", "surrogateescape"))
+        return endpoint.mode, digest.digest()
 
     def _decide(self, endpoint: Endpoint, body: dict, request: Request) -> Decision:
         """``decide`` for this client's partition of the cache; a BYPASS, with the reason, while
@@ -150,6 +243,14 @@ class CompletionProxy:
             return replace(decision, read=False, write=False, reason=f"cache unavailable: {unavailable}")
         return decision
 
+    def _begin_flight(self, key: str):
+        """Join the flight for key; without one (the lock file is unusable) just go upstream."""
+        try:
+            return self.coalescer.begin(key)
+        except OSError as exc:
+            log.warning("request coalescing unavailable, going upstream alone: %s", exc)
+            return None
+
     # -- hits -----------------------------------------------------------------------------------
 
     def _lookup(self, key: str, max_age: int | None = None) -> CachedEntry | None:
@@ -159,23 +260,38 @@ class CompletionProxy:
             log.warning("cache lookup failed, answering without the cache: %s", exc)
             return None
 
-    def _answer_hit(self, endpoint: Endpoint, body: dict, entry: CachedEntry, outcome: Outcome,
-                    stream: bool) -> Response | None:
+    def _answer_hit(self, endpoint: Endpoint, entry: CachedEntry, outcome: Outcome,
+                    stream: bool, include_usage: bool) -> Response | None:
         """The stored answer, as JSON or replayed as a stream; None if the row is unreadable."""
-        if stream or self.settings.include_cache_metadata:
-            try:
-                completion = json.loads(entry.response_json)
-            except ValueError:
-                log.warning("unreadable cache entry %s treated as a miss", entry.key[:12])
-                return None
-        self.store.record_hit(entry.key)
         if stream:
-            return Response(replay(endpoint.mode, completion, wants_usage(body)),
-                            mimetype="text/event-stream", headers={**SSE_HEADERS, **outcome.headers()})
+            events = self._replayed(endpoint, entry, include_usage)
+            if events is None:
+                return None
+            self.store.record_hit(entry.key)
+            # A stored answer is complete: its events go out in one write (still a chunked
+            # event stream), not one syscall per event.
+            return Response(iter((events,)), mimetype="text/event-stream",
+                            headers={**SSE_HEADERS, **outcome.headers()})
         text = entry.response_json
         if self.settings.include_cache_metadata:
+            completion = _parse_stored(entry)
+            if completion is None:
+                return None
             text = with_metadata(completion, outcome)
+        self.store.record_hit(entry.key)
         return Response(text, mimetype="application/json", headers=outcome.headers())
+
+    def _replayed(self, endpoint: Endpoint, entry: CachedEntry, include_usage: bool) -> bytes | None:
+        """The SSE bytes of a stored answer, rendered once per entry version and kept a while."""
+        version = (entry.key, entry.updated_at, endpoint.mode, include_usage)
+        events = self._replays.get(version)
+        if events is None:
+            completion = _parse_stored(entry)
+            if completion is None:
+                return None
+            events = b"".join(replay(endpoint.mode, completion, include_usage))
+            self._replays.put(version, events)
+        return events
 
     # -- misses ---------------------------------------------------------------------------------
 
