@@ -8,7 +8,6 @@ keeps serving hits; schema changes after that go through the numbered migrations
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -16,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+
+from previews import prompt_preview
 
 log = logging.getLogger("computer_use_cache.store")
 
@@ -1143,7 +1144,7 @@ class SQLiteStore:
         items = []
         for row in rows:
             item = self._entry_summary(row)
-            item["prompt"] = prompt_preview(row[-1])
+            item["prompt"] = prompt_preview(row[-1], limit=80)
             items.append(item)
         return items
 
@@ -1218,32 +1219,6 @@ _ENTRY_COLUMNS = (
     "cache_key, mode, model, namespace, created_at, updated_at, last_hit_at, hits, "
     f"{ENTRY_SIZE_SQL}, expires_at"
 )
-PROMPT_PREVIEW_CHARS = 80
-
-
-def prompt_preview(request_json: str, limit: int = PROMPT_PREVIEW_CHARS) -> str:
-    """The first words of what was asked: the last user message, or the legacy prompt."""
-    try:
-        request = json.loads(request_json)
-    except ValueError:
-        return ""
-    text: Any = ""
-    if isinstance(request, dict):
-        messages = request.get("messages")
-        if isinstance(messages, list):
-            users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-            chosen = users[-1] if users else (messages[-1] if messages else {})
-            text = chosen.get("content", "") if isinstance(chosen, dict) else ""
-        else:
-            text = request.get("prompt", "")
-    if isinstance(text, list):  # content parts, or a list of prompts
-        text = " ".join(
-            part.get("text", "") if isinstance(part, dict) else str(part) for part in text
-            if isinstance(part, (dict, str)))
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
-
-
 def _rollback(db: sqlite3.Connection) -> None:
     """Roll back if a transaction is still open: SQLite has already rolled back after errors
     such as SQLITE_FULL, and a second ROLLBACK would hide the real error behind its own."""

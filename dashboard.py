@@ -9,72 +9,23 @@ like a credential blanked first.
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify
 
-from cache_policy import CREDENTIAL_PATTERN
 from cache_store import SQLiteStore, StoreError, TopEntry
 from errors import ServiceUnavailable
+from previews import prompt_preview
 
 PAGE_PATH = Path(__file__).with_name("dashboard.html")
-PREVIEW_CHARS = 60
 TIMELINE_WINDOW_SECONDS = 15 * 60
 TOP_ENTRIES = 10
-# Shapes of secrets that carry no label: provider keys, bearer tokens, long opaque strings.
-SECRET_SHAPES = re.compile(
-    r"(?:\b(?:sk|pk|rk|ghp|gho|xox[abp])[-_][A-Za-z0-9_\-]{6,}"
-    r"|\bbearer\s+\S+"
-    r"|[A-Za-z0-9_\-+/=]{24,})",
-    re.IGNORECASE,
-)
 # The page loads nothing from anywhere: a browser enforces it, not just our tests.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
     "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(part.get("text", "") for part in content
-                        if isinstance(part, dict) and isinstance(part.get("text"), str))
-    return ""
-
-
-def prompt_text(request_json: str) -> str:
-    """The words a person would recognise a request by: its last user message, or its prompt."""
-    try:
-        payload = json.loads(request_json)
-    except ValueError:
-        return ""
-    if not isinstance(payload, dict):
-        return ""
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        for message in reversed(messages):
-            if isinstance(message, dict) and message.get("role") == "user":
-                return _text_of(message.get("content"))
-        return _text_of(messages[-1].get("content")) if messages and isinstance(messages[-1], dict) else ""
-    prompt = payload.get("prompt")
-    if isinstance(prompt, list):
-        prompt = prompt[0] if prompt and isinstance(prompt[0], str) else ""
-    return prompt if isinstance(prompt, str) else ""
-
-
-def prompt_preview(request_json: str, limit: int = PREVIEW_CHARS) -> str:
-    """First words of the prompt, credentials blanked before cutting (a cut never reveals half)."""
-    text = " ".join(prompt_text(request_json).split())
-    text = CREDENTIAL_PATTERN.sub("[redacted]", text)
-    text = SECRET_SHAPES.sub("[redacted]", text)
-    if len(text) > limit:
-        text = text[: limit - 1].rstrip() + "\u2026"
-    return text
 
 
 def entry_summary(entry: TopEntry, now: float) -> dict[str, Any]:

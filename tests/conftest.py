@@ -8,7 +8,6 @@ call ``start_proxy(**overrides)``. ``app``/``client`` give Flask's test client f
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import threading
 from pathlib import Path

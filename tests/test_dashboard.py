@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboard import prompt_preview
+from previews import prompt_preview
 from fake_upstream import chat_completion, json_reply
 from helpers import chat_body
 
