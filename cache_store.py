@@ -896,11 +896,17 @@ class SQLiteStore:
         try:
             with self._lock:
                 connections, self._connections = self._connections, []
-            for db in connections:
+            # Only this thread's connection is closed here. Another thread may be inside a
+            # statement on its own (a request still finishing, the flusher): closing a
+            # connection under it can crash the interpreter. Dropping our references instead
+            # lets each close as soon as its thread lets go of it.
+            own = getattr(self._local, "db", None)
+            if own is not None and getattr(self._local, "pid", None) == os.getpid():
                 try:
-                    db.close()
+                    own.close()
                 except sqlite3.Error:
                     pass
+            del connections
         finally:
             if maintenance_done:
                 self._maintenance_lock.release()
