@@ -369,6 +369,10 @@ def savings(prompt: float, completion: float, cost: float, seconds: float) -> di
     }
 
 
+# How long /cache/stats and /healthz wait for the write lock to add this process's counters.
+STATS_FLUSH_WAIT_MS = 100
+
+
 class SQLiteStore:
     """Cache entries in one SQLite file, shared safely by threads and worker processes.
 
@@ -591,14 +595,25 @@ class SQLiteStore:
             _rollback(db)
             raise
 
-    def _write(self, statements: Callable[[sqlite3.Connection], object]) -> object:
-        """Run one write transaction; BEGIN IMMEDIATE so read-then-write never fails as locked."""
+    def _write(self, statements: Callable[[sqlite3.Connection], object],
+               busy_timeout_ms: int | None = None) -> object:
+        """Run one write transaction; BEGIN IMMEDIATE so read-then-write never fails as locked.
+
+        ``busy_timeout_ms`` waits less than usual for another writer (a caller that can do
+        without the write, such as stats catching up on counters).
+        """
         db = self._db()
         try:
             with self._write_lock:
                 if self.on_write is not None:
                     self.on_write(db)
-                return self._transaction(db, statements)
+                if busy_timeout_ms is None:
+                    return self._transaction(db, statements)
+                db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+                try:
+                    return self._transaction(db, statements)
+                finally:
+                    db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         except sqlite3.Error as exc:
             self._report_error("write")
             raise StoreError(str(exc)) from exc
@@ -757,7 +772,9 @@ class SQLiteStore:
         O(1) in the number of entries (O(models) for the breakdown): counters kept by triggers
         and by the batched flush, never a scan of the completions table.
         """
-        self.flush()
+        # This process's counters first, so the figures include its latest hits; but stats
+        # never wait long for that (a long write elsewhere: they then lag by one flush).
+        self.flush(busy_timeout_ms=STATS_FLUSH_WAIT_MS)
         try:
             db = self._db()
             counters = dict(db.execute("SELECT name, value FROM cache_counters"))
@@ -852,8 +869,12 @@ class SQLiteStore:
             raise StoreError(str(exc)) from exc
         return [TopEntry(*row) for row in rows]
 
-    def flush(self) -> None:
-        """Write the hit and request counters gathered in memory, in one transaction."""
+    def flush(self, busy_timeout_ms: int | None = None) -> None:
+        """Write the hit and request counters gathered in memory, in one transaction.
+
+        With ``busy_timeout_ms`` it gives up sooner while another writer holds the database;
+        the counters then wait for the next flush.
+        """
         with self._lock:
             if not self._pending_hits and not self._pending_requests:
                 return
@@ -871,7 +892,7 @@ class SQLiteStore:
             requests.write(db, now)
 
         try:
-            self._write(write)
+            self._write(write, busy_timeout_ms)
         except StoreError as exc:
             log.warning("could not write %d hit counters, will retry: %s", len(rows), exc)
             with self._lock:

@@ -34,8 +34,10 @@ log = logging.getLogger("computer_use_cache.proxy")
 
 HEADER_PREFIXES = ("X-Computer-Use-Cache", "X-Code-Model-Cache")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Request headers that change what the cache may do; their requests skip the known-bytes path.
-_CONTROL_HEADERS = ("X-Cache-Bypass", "Cache-Control", "X-Cache-TTL", "X-Cache-Namespace")
+# Request headers that change what the cache may do (as WSGI environ keys, looked up directly);
+# their requests skip the known-bytes path.
+_CONTROL_HEADER_KEYS = ("HTTP_X_CACHE_BYPASS", "HTTP_CACHE_CONTROL", "HTTP_X_CACHE_TTL",
+                        "HTTP_X_CACHE_NAMESPACE")
 _UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x7e]")
 
 
@@ -214,12 +216,13 @@ class CompletionProxy:
 
         None for requests that carry per-request cache headers: they take the full path.
         """
-        headers = request.headers
-        if any(name in headers for name in _CONTROL_HEADERS):
+        environ = request.environ
+        if any(name in environ for name in _CONTROL_HEADER_KEYS):
             return None
         digest = hashlib.sha256(request.get_data())
         if self.partitions.enabled:
-            digest.update(b"\0" + headers.get("Authorization", "").encode("utf-8", "surrogateescape"))
+            authorization = environ.get("HTTP_AUTHORIZATION", "")
+            digest.update(b"\0" + authorization.encode("utf-8", "surrogateescape"))
         return endpoint.mode, digest.digest()
 
     def _decide(self, endpoint: Endpoint, body: dict, request: Request) -> Decision:

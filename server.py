@@ -253,7 +253,10 @@ def register_http_behaviour(app: Flask, settings: Settings) -> None:
         """Refuse before the body is read: wrong client key, bad headers, too big, not JSON."""
         if guard.is_api_path(request.path):
             guard.check_client_key(settings.proxy_api_keys, request.headers.get("Authorization"))
-        guard.check_headers(request.headers)
+        # The raw WSGI values: walking request.headers re-parses the environ on every request.
+        environ = request.environ
+        guard.check_headers({name: value for name, value in environ.items()
+                             if name.startswith("HTTP_") and isinstance(value, str)})
         guard.check_declared_size(request.content_length, settings.max_request_bytes)
         # Only a request that reached a JSON route is held to its content type; a wrong route
         # or method still gets its own 404/405.
