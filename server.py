@@ -50,14 +50,19 @@ CORS_EXPOSE_HEADERS = ", ".join(
 ) + ", X-Computer-Use-Cache-Coalesced"
 
 
+def store_from_settings(settings: Settings, **options: Any) -> SQLiteStore:
+    """The store the settings describe; tests add a clock or fault hooks through ``options``."""
+    return SQLiteStore(settings.cache_db_path, settings.cache_ttl_seconds,
+                       hit_flush_seconds=settings.hit_flush_seconds,
+                       max_entries=settings.cache_max_entries,
+                       max_bytes=settings.cache_max_bytes,
+                       maintenance_seconds=settings.cache_purge_interval_seconds, **options)
+
+
 def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = None) -> Flask:
     """Build the app and everything it uses; nothing is opened until the first request."""
     settings = load_settings() if settings is None else settings
-    store = store or SQLiteStore(settings.cache_db_path, settings.cache_ttl_seconds,
-                                 hit_flush_seconds=settings.hit_flush_seconds,
-                                 max_entries=settings.cache_max_entries,
-                                 max_bytes=settings.cache_max_bytes,
-                                 maintenance_seconds=settings.cache_purge_interval_seconds)
+    store = store or store_from_settings(settings)
     coalescer = None
     if settings.cache_coalesce:
         coalescer = Coalescer(settings.cache_db_path + ".coalesce.lock",

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import config  # noqa: E402
 from fake_upstream import FakeUpstream  # noqa: E402
-from server import create_app  # noqa: E402
+from server import create_app, store_from_settings  # noqa: E402
 
 SETTING_VARIABLES = [field.metadata["env"] for field in dataclasses.fields(config.Settings)] + [
     "OPENAI_BASE_URL", "OPENROUTER_API_KEY", "OPENAI_API_KEY", "WEB_CONCURRENCY", "GUNICORN_THREADS",
@@ -85,11 +85,16 @@ class ProxyServer:
 
 @pytest.fixture
 def start_proxy(tmp_path, fake_upstream):
-    """start_proxy(**setting_overrides) -> ProxyServer; every server is stopped after the test."""
+    """start_proxy(store_options=None, **setting_overrides) -> ProxyServer, stopped after the test.
+
+    ``store_options`` go to the store the settings describe (a test clock, fault hooks).
+    """
     servers: list[ProxyServer] = []
 
-    def start(**overrides) -> ProxyServer:
-        server = ProxyServer(create_app(make_settings(tmp_path, fake_upstream, **overrides)))
+    def start(store_options: dict | None = None, **overrides) -> ProxyServer:
+        settings = make_settings(tmp_path, fake_upstream, **overrides)
+        store = store_from_settings(settings, **store_options) if store_options else None
+        server = ProxyServer(create_app(settings, store=store))
         servers.append(server)
         return server
 

@@ -3,6 +3,8 @@ expired entries, and space handed back to the file system (incremental vacuum)."
 
 from __future__ import annotations
 
+import functools
+
 import os
 import sqlite3
 import time
@@ -11,9 +13,8 @@ import pytest
 import requests
 
 from cache_store import MIGRATIONS, NewEntry, SQLiteStore
-from conftest import ProxyServer, make_settings
+from conftest import ProxyServer
 from helpers import chat_body
-from server import create_app
 from test_request_control import FakeClock
 
 
@@ -32,24 +33,9 @@ def clock():
 
 
 @pytest.fixture
-def start_store_proxy(tmp_path, fake_upstream, clock):
+def start_store_proxy(start_proxy, clock):
     """start(**setting_overrides) -> a real proxy on a store built from the settings + ``clock``."""
-    servers: list[ProxyServer] = []
-
-    def start(**overrides) -> ProxyServer:
-        settings = make_settings(tmp_path, fake_upstream, **overrides)
-        store = SQLiteStore(settings.cache_db_path, settings.cache_ttl_seconds, clock=clock,
-                            hit_flush_seconds=settings.hit_flush_seconds,
-                            max_entries=settings.cache_max_entries,
-                            max_bytes=settings.cache_max_bytes,
-                            maintenance_seconds=settings.cache_purge_interval_seconds)
-        server = ProxyServer(create_app(settings, store=store))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    return functools.partial(start_proxy, store_options={"clock": clock})
 
 
 def post(server: ProxyServer, content: str) -> requests.Response:

@@ -6,16 +6,17 @@ headers). Time-dependent cases inject a clock into the store instead of sleeping
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 
 import openai
 import pytest
 
 from cache_policy import canonical_json, parse_cache_control
-from cache_store import SQLiteStore
-from conftest import ProxyServer, make_settings
+from conftest import ProxyServer
 from errors import InvalidRequest
-from server import CORS_ALLOW_HEADERS, create_app
+from server import CORS_ALLOW_HEADERS
 
 MESSAGES = [{"role": "user", "content": "Where is the submit button?"}]
 
@@ -37,21 +38,9 @@ def clock():
 
 
 @pytest.fixture
-def start_clocked_proxy(tmp_path, fake_upstream, clock):
+def start_clocked_proxy(start_proxy, clock):
     """start(**setting_overrides) -> a real proxy whose store reads time from ``clock``."""
-    servers: list[ProxyServer] = []
-
-    def start(**overrides) -> ProxyServer:
-        settings = make_settings(tmp_path, fake_upstream, **overrides)
-        store = SQLiteStore(settings.cache_db_path, settings.cache_ttl_seconds, clock=clock,
-                            hit_flush_seconds=settings.hit_flush_seconds)
-        server = ProxyServer(create_app(settings, store=store))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    return functools.partial(start_proxy, store_options={"clock": clock})
 
 
 def sdk(server: ProxyServer) -> openai.OpenAI:

@@ -24,32 +24,22 @@ import time
 import pytest
 import requests
 
-from cache_store import SQLiteStore
-from conftest import ProxyServer, make_settings
+from conftest import ProxyServer
 from helpers import chat_body
-from server import create_app
 
 BIG_PROMPT = "Describe every widget on this settings page. " * 600  # needs new database pages
 
 
 @pytest.fixture
-def serve(tmp_path, fake_upstream):
+def serve(start_proxy):
     """serve(db_path=None, settings overrides..., store=dict of SQLiteStore options) -> ProxyServer."""
-    servers: list[ProxyServer] = []
 
     def start(db_path=None, store_options: dict | None = None, **overrides) -> ProxyServer:
         if db_path is not None:
             overrides["cache_db_path"] = str(db_path)
-        settings = make_settings(tmp_path, fake_upstream, **overrides)
-        store = SQLiteStore(settings.cache_db_path, settings.cache_ttl_seconds,
-                            hit_flush_seconds=settings.hit_flush_seconds, **(store_options or {}))
-        server = ProxyServer(create_app(settings, store=store))
-        servers.append(server)
-        return server
+        return start_proxy(store_options=store_options, **overrides)
 
-    yield start
-    for server in servers:
-        server.stop()
+    return start
 
 
 def _post(server, body: dict) -> requests.Response:
