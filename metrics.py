@@ -191,10 +191,11 @@ class Monitor(RequestObserver):
     # -- Flask ---------------------------------------------------------------------------------
 
     def count_response(self, route: str, response: Response, seconds: float) -> None:
-        status = response.headers.get(STATUS_HEADER)
+        headers = response.headers
+        status = headers.get(STATUS_HEADER)
         if status is None:
             return
-        coalesced = response.headers.get(COALESCED_HEADER) is not None
+        coalesced = COALESCED_HEADER in headers
         counter = self._request_counters.get((route, status))
         if counter is None:
             counter = self._request_counters[(route, status)] = self.requests.labels(route, status)
@@ -204,7 +205,7 @@ class Monitor(RequestObserver):
         if coalesced:
             self.coalesced.inc()
         model = g.get("computer_use_cache_model", "unknown")
-        self.store.record_request(status, model, route=route, key=response.headers.get(KEY_HEADER),
+        self.store.record_request(status, model, route=route, key=headers.get(KEY_HEADER),
                                   seconds=seconds, coalesced=coalesced)
 
     def exposition(self) -> bytes:

@@ -255,18 +255,22 @@ def register_http_behaviour(app: Flask, settings: Settings) -> None:
 
     @app.before_request
     def check_request():
-        """Refuse before the body is read: wrong client key, bad headers, too big, not JSON."""
-        if guard.is_api_path(request.path):
-            guard.check_client_key(settings.proxy_api_keys, request.headers.get("Authorization"))
-        # The raw WSGI values: walking request.headers re-parses the environ on every request.
+        """Refuse before the body is read: wrong client key, bad headers, too big, not JSON.
+
+        Reads the raw WSGI values: this runs on every request, hits included, and going through
+        ``request.headers`` re-parses the environ each time.
+        """
         environ = request.environ
+        api_path = guard.is_api_path(request.path)
+        if api_path:
+            guard.check_client_key(settings.proxy_api_keys, environ.get("HTTP_AUTHORIZATION"))
         guard.check_headers({name: value for name, value in environ.items()
                              if name.startswith("HTTP_") and isinstance(value, str)})
         guard.check_declared_size(request.content_length, settings.max_request_bytes)
         # Only a request that reached a JSON route is held to its content type; a wrong route
         # or method still gets its own 404/405.
-        if request.method == "POST" and request.routing_exception is None and guard.is_api_path(request.path):
-            guard.check_content_type(request.headers.get("Content-Type"))
+        if api_path and environ.get("REQUEST_METHOD") == "POST" and request.routing_exception is None:
+            guard.check_content_type(environ.get("CONTENT_TYPE"))
 
     # Built once; appended in one call (no response sets these itself: upstream CORS headers are
     # never relayed), which is cheaper on the hit path than four lookups-and-replaces.
