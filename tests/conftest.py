@@ -8,6 +8,7 @@ call ``start_proxy(**overrides)``. ``app``/``client`` give Flask's test client f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import threading
 from pathlib import Path
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import config  # noqa: E402
 from fake_upstream import FakeUpstream  # noqa: E402
+from helpers import FakeClock  # noqa: E402
 from server import create_app, store_from_settings  # noqa: E402
 
 SETTING_VARIABLES = [field.metadata["env"] for field in dataclasses.fields(config.Settings)] + [
@@ -101,6 +103,17 @@ def start_proxy(tmp_path, fake_upstream):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def start_clocked_proxy(start_proxy, clock):
+    """start(**setting_overrides) -> a real proxy whose store reads time from ``clock``."""
+    return functools.partial(start_proxy, store_options={"clock": clock})
 
 
 @pytest.fixture

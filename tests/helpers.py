@@ -14,3 +14,16 @@ def completion_body(prompt: str = "Say hello", **overrides) -> dict:
     body = {"model": "test/model-a", "prompt": prompt}
     body.update(overrides)
     return body
+
+
+class FakeClock:
+    """A clock the test moves by hand: time-dependent tests never sleep."""
+
+    def __init__(self, now: float = 1_700_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

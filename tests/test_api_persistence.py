@@ -8,12 +8,10 @@ import sqlite3
 
 import pytest
 
-from cache_store import SQLiteStore
-from conftest import ProxyServer, make_settings
-from helpers import chat_body, completion_body
-from server import create_app
+from conftest import ProxyServer
+from helpers import FakeClock, chat_body, completion_body
 from test_cache_policy import original_key
-from test_cache_store import FakeClock, create_original_database
+from test_cache_store import create_original_database
 
 CHAT = "/v1/chat/completions"
 ORIGINAL_COLUMNS = [
@@ -95,21 +93,14 @@ def test_persistence__restart_on_the_same_file_hits(start_proxy, fake_upstream, 
 
 
 @pytest.fixture
-def clocked_proxy(tmp_path, fake_upstream):
+def clocked_proxy(start_proxy):
     """A proxy whose store reads an injected clock, so TTL tests move time by hand."""
-    servers = []
 
     def start(ttl_seconds: int) -> tuple[ProxyServer, FakeClock]:
         clock = FakeClock()
-        settings = make_settings(tmp_path, fake_upstream, cache_ttl_seconds=ttl_seconds)
-        store = SQLiteStore(settings.cache_db_path, ttl_seconds, clock=clock, hit_flush_seconds=0.2)
-        server = ProxyServer(create_app(settings, store=store))
-        servers.append(server)
-        return server, clock
+        return start_proxy(store_options={"clock": clock}, cache_ttl_seconds=ttl_seconds), clock
 
-    yield start
-    for server in servers:
-        server.stop()
+    return start
 
 
 def created_at(proxy) -> float:

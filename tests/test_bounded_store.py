@@ -3,19 +3,15 @@ expired entries, and space handed back to the file system (incremental vacuum)."
 
 from __future__ import annotations
 
-import functools
-
 import os
 import sqlite3
 import time
 
-import pytest
 import requests
 
 from cache_store import MIGRATIONS, NewEntry, SQLiteStore
 from conftest import ProxyServer
 from helpers import chat_body
-from test_request_control import FakeClock
 
 
 def wait_until(condition, timeout: float = 5.0) -> bool:
@@ -25,17 +21,6 @@ def wait_until(condition, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return condition()
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
-def start_store_proxy(start_proxy, clock):
-    """start(**setting_overrides) -> a real proxy on a store built from the settings + ``clock``."""
-    return functools.partial(start_proxy, store_options={"clock": clock})
 
 
 def post(server: ProxyServer, content: str) -> requests.Response:
@@ -51,9 +36,9 @@ def status(server: ProxyServer, content: str) -> str:
 # -- eviction ------------------------------------------------------------------------------------
 
 
-def test_eviction__least_recently_used_go_first_and_recent_hits_survive(start_store_proxy, clock,
+def test_eviction__least_recently_used_go_first_and_recent_hits_survive(start_clocked_proxy, clock,
                                                                          fake_upstream):
-    server = start_store_proxy(cache_max_entries=3)
+    server = start_clocked_proxy(cache_max_entries=3)
     for name in ("A", "B", "C"):
         assert status(server, name) == "MISS"
         clock.advance(1)
@@ -67,8 +52,8 @@ def test_eviction__least_recently_used_go_first_and_recent_hits_survive(start_st
     assert len(fake_upstream.calls()) == 5
 
 
-def test_eviction__fill_far_beyond_the_bound(start_store_proxy, clock):
-    server = start_store_proxy(cache_max_entries=5)
+def test_eviction__fill_far_beyond_the_bound(start_clocked_proxy, clock):
+    server = start_clocked_proxy(cache_max_entries=5)
     for number in range(20):
         post(server, f"step {number}")
         clock.advance(1)
@@ -77,8 +62,8 @@ def test_eviction__fill_far_beyond_the_bound(start_store_proxy, clock):
     assert survivors == {f"step {number}" for number in range(15, 20)}
 
 
-def test_eviction__max_bytes_keeps_the_total_under_the_bound(start_store_proxy, clock):
-    server = start_store_proxy()
+def test_eviction__max_bytes_keeps_the_total_under_the_bound(start_clocked_proxy, clock):
+    server = start_clocked_proxy()
     post(server, "first")
     one_entry = server.store.stats()["stored_bytes"]
     server.store.max_bytes = int(one_entry * 3.5)  # room for three entries of this size
@@ -91,8 +76,8 @@ def test_eviction__max_bytes_keeps_the_total_under_the_bound(start_store_proxy, 
     assert {item["prompt"] for item in server.store.list_entries()} == {"third", "forth", "fifth"}
 
 
-def test_eviction__unbounded_by_default(start_store_proxy):
-    server = start_store_proxy()
+def test_eviction__unbounded_by_default(start_clocked_proxy):
+    server = start_clocked_proxy()
     for number in range(5):
         post(server, f"q{number}")
     assert server.store.evict() == 0
@@ -111,8 +96,8 @@ def test_eviction__uses_the_recency_index(tmp_path):
 # -- purge and vacuum ----------------------------------------------------------------------------
 
 
-def test_purge__expired_entries_go_in_the_background_and_the_file_shrinks(start_store_proxy, clock):
-    server = start_store_proxy(cache_ttl_seconds=100, cache_purge_interval_seconds=0.1)
+def test_purge__expired_entries_go_in_the_background_and_the_file_shrinks(start_clocked_proxy, clock):
+    server = start_clocked_proxy(cache_ttl_seconds=100, cache_purge_interval_seconds=0.1)
     big = "lorem ipsum " * 2000  # ~24 KB each way
     for number in range(40):
         post(server, f"{number} {big}")

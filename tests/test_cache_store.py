@@ -12,19 +12,7 @@ import sqlite3
 import pytest
 
 from cache_store import MIGRATIONS, NewEntry, SQLiteStore
-
-
-class FakeClock:
-    """A clock the test moves by hand: TTL tests never sleep."""
-
-    def __init__(self, now: float = 1_700_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from helpers import FakeClock
 
 
 def entry(key: str = "k1", response: dict | None = None, model: str = "test/model-a") -> NewEntry:

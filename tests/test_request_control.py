@@ -6,7 +6,6 @@ headers). Time-dependent cases inject a clock into the store instead of sleeping
 
 from __future__ import annotations
 
-import functools
 
 import hashlib
 
@@ -19,28 +18,6 @@ from errors import InvalidRequest
 from server import CORS_ALLOW_HEADERS
 
 MESSAGES = [{"role": "user", "content": "Where is the submit button?"}]
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_800_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
-def start_clocked_proxy(start_proxy, clock):
-    """start(**setting_overrides) -> a real proxy whose store reads time from ``clock``."""
-    return functools.partial(start_proxy, store_options={"clock": clock})
 
 
 def sdk(server: ProxyServer) -> openai.OpenAI:
