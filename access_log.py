@@ -4,15 +4,18 @@ A line holds the method, the matched route (never the raw path or query string, 
 controls), the status, the cache status, the first 12 characters of the cache key, the upstream
 status and the latency. Headers, keys and bodies never reach it, so the log can be shipped
 anywhere without carrying prompts or credentials.
+
+Writing a line through ``logging`` costs tens of microseconds, as much as the rest of a cache hit,
+so a server process may hand the writing to a background thread (``start_background_writer``):
+the request thread then only queues the record.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import Callable
-
-from flask import Flask, Response, g, request
+import logging.handlers
+import queue
+from typing import Any
 
 ACCESS_LOGGER = "computer_use_cache.access"
 KEY_PREFIX_CHARS = 12
@@ -20,34 +23,36 @@ KEY_PREFIX_CHARS = 12
 _KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
-def register_access_log(app: Flask, upstream_status: Callable[[], int | None],
-                        reset_upstream_status: Callable[[], None]) -> None:
-    """Log each request once, when its response is closed (so a stream's latency is its length).
+class AccessLog:
+    """Writes the lines; the app's request hooks (server.py) gather the facts."""
 
-    Register this before any other ``before_request`` hook: a hook that answers early (a CORS
-    preflight, a refused key) skips the hooks after it.
+    def __init__(self, logger: logging.Logger | None = None):
+        self._log = logger or logging.getLogger(ACCESS_LOGGER)
+
+    def write(self, method: str, route: str | None, status: int, cache: str | None,
+              key: str | None, upstream: int | None, seconds: float) -> None:
+        if not self._log.isEnabledFor(logging.INFO):
+            return
+        self._log.info("%s %s %d cache=%s key=%s upstream=%s %.1fms",
+                       method if method in _KNOWN_METHODS else "OTHER", route or "(no route)",
+                       status, cache or "-", (key or "")[:KEY_PREFIX_CHARS] or "-",
+                       upstream if upstream is not None else "-", seconds * 1000)
+
+
+class _RecordQueueHandler(logging.handlers.QueueHandler):
+    """Queues the record as it is: formatting happens on the writer thread, not the request's."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+def start_background_writer(logger: logging.Logger, handler: logging.Handler) -> Any:
+    """Route ``logger``'s records through a queue to ``handler`` on one writer thread.
+
+    Returns the listener; ``stop()`` it before the process exits, which writes what is queued.
     """
-    log = logging.getLogger(ACCESS_LOGGER)
-
-    @app.before_request
-    def start_clock() -> None:
-        g.access_started = time.monotonic()
-        reset_upstream_status()
-
-    @app.after_request
-    def schedule_line(response: Response) -> Response:
-        started = g.get("access_started", time.monotonic())
-        method = request.method if request.method in _KNOWN_METHODS else "OTHER"
-        route = request.url_rule.rule if request.url_rule is not None else "(no route)"
-        cache = response.headers.get("X-Computer-Use-Cache", "-")
-        key = response.headers.get("X-Computer-Use-Cache-Key", "")[:KEY_PREFIX_CHARS] or "-"
-        status = response.status_code
-
-        def write_line() -> None:
-            upstream = upstream_status()
-            log.info("%s %s %d cache=%s key=%s upstream=%s %.1fms", method, route, status, cache,
-                     key, upstream if upstream is not None else "-",
-                     (time.monotonic() - started) * 1000)
-
-        response.call_on_close(write_line)
-        return response
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
+    logger.addHandler(_RecordQueueHandler(records))
+    listener.start()
+    return listener

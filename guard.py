@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hmac
 import re
-from typing import Mapping
+from typing import Any, Mapping
+
+from werkzeug.wsgi import get_content_length
 
 from errors import AuthenticationFailed, HeaderTooLarge, InvalidRequest, PayloadTooLarge
 from upstream import bearer_token
@@ -31,6 +33,28 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 def is_api_path(path: str) -> bool:
     """Every route but the public ones and the admin ones: completions, models, later APIs."""
     return path not in PUBLIC_PATHS and not path.startswith(ADMIN_PREFIX)
+
+
+def check_request(environ: Mapping[str, Any], proxy_api_keys: tuple[str, ...], max_request_bytes: int,
+                  *, api_path: bool, json_route: bool) -> None:
+    """Every check in order, on the raw WSGI values: this runs on every request, hits included,
+    and going through a Flask request's headers would re-parse the environ each time.
+
+    ``json_route``: the request reached a route that takes a JSON body (a wrong route or method
+    still gets its own 404/405, not a complaint about its content type).
+    """
+    if api_path:
+        check_client_key(proxy_api_keys, environ.get("HTTP_AUTHORIZATION"))
+    check_headers({name: value for name, value in environ.items()
+                   if name.startswith("HTTP_") and isinstance(value, str)})
+    check_declared_size(declared_length(environ), max_request_bytes)
+    if json_route:
+        check_content_type(environ.get("CONTENT_TYPE"))
+
+
+def declared_length(environ: Mapping[str, Any]) -> int | None:
+    """The body's Content-Length; None when it has none (chunked) or it is not a number."""
+    return get_content_length(environ)
 
 
 def check_client_key(proxy_api_keys: tuple[str, ...], authorization: str | None) -> None:

@@ -2,8 +2,8 @@
 
 ``RequestObserver`` is what ``CompletionProxy`` reports to (the body it read, the answer it is
 about to store); ``Monitor`` is the real one, built by ``create_app``. It times the upstream, counts
-every completion request by route and cache status as its response leaves (a Flask hook, so the
-proxy's flow stays untouched), and serves ``GET /metrics``.
+every completion request by route and cache status as its response leaves (server.py's request
+hooks report it, so the proxy's flow stays untouched), and serves ``GET /metrics``.
 
 Under gunicorn each worker is its own process: with ``PROMETHEUS_MULTIPROC_DIR`` set (gunicorn.conf.py
 does it) prometheus_client keeps each worker's values in files there and ``/metrics`` sums them, so
@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,9 +26,6 @@ from cache_store import SQLiteStore, StoreError
 from config import Settings
 
 PREFIX = "computer_use_cache"
-STATUS_HEADER = "X-Computer-Use-Cache"
-COALESCED_HEADER = "X-Computer-Use-Cache-Coalesced"
-KEY_HEADER = "X-Computer-Use-Cache-Key"
 HIT_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 UPSTREAM_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -50,6 +47,11 @@ def usage_figures(completion: Any) -> dict[str, Any]:
         "completion_tokens": int(_number(usage.get("completion_tokens"))),
         "cost_usd": float(_number(usage.get("cost"))),
     }
+
+
+def model_label(model: Any) -> str:
+    """A request's model as counted in stats: client text, so bounded."""
+    return model[:200] if isinstance(model, str) and model else "unknown"
 
 
 class RequestObserver:
@@ -177,7 +179,12 @@ class Monitor(RequestObserver):
         self.upstream_latency.observe(seconds)
 
     def request_model(self, model: Any) -> None:
-        g.computer_use_cache_model = model[:200] if isinstance(model, str) and model else "unknown"
+        g.computer_use_cache_model = model_label(model)
+
+    @staticmethod
+    def current_model() -> str:
+        """The model this request reported (``request_model``), inside a Flask request."""
+        return g.get("computer_use_cache_model", "unknown")
 
     def entry_figures(self, completion: Any) -> dict[str, Any]:
         """Usage, plus the upstream time this thread's request has taken so far (a whole stream)."""
@@ -190,12 +197,9 @@ class Monitor(RequestObserver):
 
     # -- Flask ---------------------------------------------------------------------------------
 
-    def count_response(self, route: str, response: Response, seconds: float) -> None:
-        headers = response.headers
-        status = headers.get(STATUS_HEADER)
-        if status is None:
-            return
-        coalesced = COALESCED_HEADER in headers
+    def count_response(self, route: str, status: str, key: str | None, coalesced: bool,
+                       seconds: float, model: str) -> None:
+        """One answered completion request: ``status`` is its X-Computer-Use-Cache value."""
         counter = self._request_counters.get((route, status))
         if counter is None:
             counter = self._request_counters[(route, status)] = self.requests.labels(route, status)
@@ -204,9 +208,8 @@ class Monitor(RequestObserver):
             self.hit_latency.observe(seconds)
         if coalesced:
             self.coalesced.inc()
-        model = g.get("computer_use_cache_model", "unknown")
-        self.store.record_request(status, model, route=route, key=headers.get(KEY_HEADER),
-                                  seconds=seconds, coalesced=coalesced)
+        self.store.record_request(status, model, route=route, key=key, seconds=seconds,
+                                  coalesced=coalesced)
 
     def exposition(self) -> bytes:
         if not self.multiprocess_dir:
@@ -216,21 +219,8 @@ class Monitor(RequestObserver):
         registry.register(self.store_collector)
         return generate_latest(registry)
 
-    def register(self, app: Flask, require_admin: Callable[[], None],
-                 completion_endpoints: tuple[str, ...] = ("chat:", "completion:")) -> None:
-        """Time and count completion requests; serve GET /metrics (admin token when one is set)."""
-
-        @app.before_request
-        def start_clock():
-            g.computer_use_cache_started = time.perf_counter()
-
-        @app.after_request
-        def count(response: Response) -> Response:
-            rule = request.url_rule
-            started = g.get("computer_use_cache_started")
-            if rule is not None and started is not None and rule.endpoint.startswith(completion_endpoints):
-                self.count_response(rule.rule, response, time.perf_counter() - started)
-            return response
+    def register(self, app: Flask, require_admin: Callable[[], None]) -> None:
+        """Serve GET /metrics (admin token when one is set); server.py's hooks do the counting."""
 
         @app.get("/metrics")
         def metrics():

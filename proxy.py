@@ -34,6 +34,8 @@ log = logging.getLogger("computer_use_cache.proxy")
 
 HEADER_PREFIXES = ("X-Computer-Use-Cache", "X-Code-Model-Cache")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+JSON_CONTENT_TYPE = "application/json"
+SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 # Request headers that change what the cache may do (as WSGI environ keys, looked up directly);
 # their requests skip the known-bytes path.
 _CONTROL_HEADER_KEYS = ("HTTP_X_CACHE_BYPASS", "HTTP_CACHE_CONTROL", "HTTP_X_CACHE_TTL",
@@ -124,6 +126,24 @@ class RecentItems:
 
 
 @dataclass(frozen=True)
+class StoredReply:
+    """A cache hit ready to send, the same bytes and headers whichever way it leaves: as a Flask
+    response, or straight from the known-hit lane (fast_lane.py)."""
+
+    body: bytes
+    content_type: str
+    headers: dict[str, str]
+    model: str
+    stream: bool = False
+
+    def response(self) -> Response:
+        if self.stream:
+            # Still a chunked event stream, as a live one would be.
+            return Response(iter((self.body,)), content_type=self.content_type, headers=self.headers)
+        return Response(self.body, content_type=self.content_type, headers=self.headers)
+
+
+@dataclass(frozen=True)
 class KnownRequest:
     """What a cacheable request's exact bytes were found to mean: enough to answer a hit
     without parsing, validating and canonicalising the body again. Agents resend the same
@@ -152,17 +172,11 @@ class CompletionProxy:
     # -- entry point ----------------------------------------------------------------------------
 
     def handle(self, endpoint: Endpoint, request: Request) -> Response:
-        fingerprint = self._fingerprint(endpoint, request)
-        if fingerprint is not None:
-            known = self._known.get(fingerprint)
-            if known is not None:
-                entry = self._lookup(known.key)
-                if entry is not None:
-                    self.observer.request_model(entry.model)
-                    hit = self._answer_hit(endpoint, entry, Outcome("HIT", known.key), known.stream,
-                                           known.include_usage)
-                    if hit is not None:
-                        return hit
+        fingerprint = self.fingerprint(endpoint, request.get_data(), request.environ)
+        hit = self.known_hit(endpoint, fingerprint)
+        if hit is not None:
+            self.observer.request_model(hit.model)
+            return hit.response()
         body = parse_json_body(request)
         self.observer.request_body(body)
         endpoint.validate(body)
@@ -177,7 +191,7 @@ class CompletionProxy:
                 hit = self._answer_hit(endpoint, entry, Outcome("HIT", decision.key), stream,
                                        include_usage)
                 if hit is not None:
-                    return hit
+                    return hit.response()
         flight = None
         if decision.write and self.coalescer is not None:
             flight = self._begin_flight(decision.key)
@@ -195,7 +209,7 @@ class CompletionProxy:
                 if hit is not None:
                     if flight is not None:
                         flight.release()
-                    return hit
+                    return hit.response()
         try:
             if stream:
                 response = self._forward_stream(endpoint, body, request, decision, flight)
@@ -210,20 +224,32 @@ class CompletionProxy:
             if flight is not None:
                 flight.release()
 
-    def _fingerprint(self, endpoint: Endpoint, request: Request) -> tuple[str, bytes] | None:
+    def fingerprint(self, endpoint: Endpoint, body: bytes,
+                    environ: dict[str, Any]) -> tuple[str, bytes] | None:
         """What identifies a request's decision without parsing it: the mode, the exact body
         bytes and (when the cache is partitioned by client key) the Authorization header.
 
         None for requests that carry per-request cache headers: they take the full path.
         """
-        environ = request.environ
         if any(name in environ for name in _CONTROL_HEADER_KEYS):
             return None
-        digest = hashlib.sha256(request.get_data())
+        digest = hashlib.sha256(body)
         if self.partitions.enabled:
             authorization = environ.get("HTTP_AUTHORIZATION", "")
             digest.update(b"\0" + authorization.encode("utf-8", "surrogateescape"))
         return endpoint.mode, digest.digest()
+
+    def known_hit(self, endpoint: Endpoint, fingerprint: tuple[str, bytes] | None) -> StoredReply | None:
+        """The stored answer for request bytes seen before, found without parsing them again;
+        None when they are new (or their entry is gone): the full path then decides."""
+        known = self._known.get(fingerprint) if fingerprint is not None else None
+        if known is None:
+            return None
+        entry = self._lookup(known.key)
+        if entry is None:
+            return None
+        return self._answer_hit(endpoint, entry, Outcome("HIT", known.key), known.stream,
+                                known.include_usage)
 
     def _decide(self, endpoint: Endpoint, body: dict, request: Request) -> Decision:
         """``decide`` for this client's partition of the cache; a BYPASS, with the reason, while
@@ -264,7 +290,7 @@ class CompletionProxy:
             return None
 
     def _answer_hit(self, endpoint: Endpoint, entry: CachedEntry, outcome: Outcome,
-                    stream: bool, include_usage: bool) -> Response | None:
+                    stream: bool, include_usage: bool) -> StoredReply | None:
         """The stored answer, as JSON or replayed as a stream; None if the row is unreadable."""
         if stream:
             events = self._replayed(endpoint, entry, include_usage)
@@ -273,16 +299,17 @@ class CompletionProxy:
             self.store.record_hit(entry.key)
             # A stored answer is complete: its events go out in one write (still a chunked
             # event stream), not one syscall per event.
-            return Response(iter((events,)), mimetype="text/event-stream",
-                            headers={**SSE_HEADERS, **outcome.headers()})
-        text = entry.response_json
+            return StoredReply(events, SSE_CONTENT_TYPE, {**SSE_HEADERS, **outcome.headers()},
+                               entry.model, stream=True)
         if self.settings.include_cache_metadata:
             completion = _parse_stored(entry)
             if completion is None:
                 return None
-            text = with_metadata(completion, outcome)
+            body = with_metadata(completion, outcome)
+        else:
+            body = entry.response_json.encode("utf-8")
         self.store.record_hit(entry.key)
-        return Response(text, mimetype="application/json", headers=outcome.headers())
+        return StoredReply(body, JSON_CONTENT_TYPE, outcome.headers(), entry.model)
 
     def _replayed(self, endpoint: Endpoint, entry: CachedEntry, include_usage: bool) -> bytes | None:
         """The SSE bytes of a stored answer, rendered once per entry version and kept a while."""
@@ -391,7 +418,7 @@ class CompletionProxy:
                 return self._relay(upstream.read_all(), upstream.status, passthrough, outcome)
             passthrough = {k: v for k, v in passthrough.items() if k.lower() != "content-type"}
             events = self._relay_stream(endpoint, body, decision, upstream, ask_usage, cleanup)
-            response = Response(events, status=upstream.status, mimetype="text/event-stream",
+            response = Response(events, status=upstream.status, content_type=SSE_CONTENT_TYPE,
                                 headers={**passthrough, **SSE_HEADERS,
                                          **self._initial_outcome(decision).headers()})
             # Runs even when the body is never iterated (the client left before the first byte).

@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -21,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import WSGIRequestHandler
 
 import guard
-from access_log import register_access_log
+from access_log import AccessLog
 from cache_store import SQLiteStore, StoreError
 from cli import cache_cli
 from coalesce import Coalescer
@@ -31,6 +32,7 @@ from errors import ApiError, AuthenticationFailed, InvalidRequest, MethodNotAllo
 from errors import PayloadTooLarge
 from errors import ServiceUnavailable
 from errors import error_body
+from fast_lane import KnownHitLane
 from metrics import Monitor
 from proxy import CompletionProxy, cache_headers
 from upstream import UpstreamClient, bearer_token, relayable_headers
@@ -39,6 +41,10 @@ from wire import CHAT, CHAT_ROUTES, COMPLETION, COMPLETION_ROUTES, MODEL_ROUTES
 log = logging.getLogger("computer_use_cache")
 
 EXTENSION = "computer_use_cache"
+STARTED = "computer_use_cache.started"  # the request's start time, kept in its WSGI environ
+STATUS_HEADER, KEY_HEADER = "X-Computer-Use-Cache", "X-Computer-Use-Cache-Key"
+COALESCED_HEADER = "X-Computer-Use-Cache-Coalesced"
+COMPLETION_ENDPOINTS = ("chat:", "completion:")  # endpoint names of the completion routes
 ROOT_ENDPOINTS = ["/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/models",
                   "/cache/stats"]
 CORS_ALLOW_HEADERS = ("Authorization, Content-Type, X-Cache-Bypass, X-Cache-Admin-Token, "
@@ -130,11 +136,14 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
 
     register_entry_routes(app, settings, store)
     app.cli.add_command(cache_cli)
-    register_access_log(app, upstream.last_status, upstream.reset_last_status)
-    register_http_behaviour(app, settings)
-    # Stats, metrics and dashboard (issue 6): counts requests, serves /metrics, /dashboard and
-    # /cache/activity; /metrics and /cache/activity need CACHE_ADMIN_TOKEN when one is set (the
-    # /dashboard page itself holds no data).
+    access_log = AccessLog()
+    register_http_behaviour(app, settings, monitor, upstream, access_log)
+    # Repeats of known request bytes are answered before Flask builds a request (fast_lane.py).
+    app.wsgi_app = KnownHitLane(app.wsgi_app, proxy, settings, monitor, access_log,
+                                cors_headers(settings))
+    # Stats, metrics and dashboard (issue 6): serves /metrics, /dashboard and /cache/activity;
+    # /metrics and /cache/activity need CACHE_ADMIN_TOKEN when one is set (the /dashboard page
+    # itself holds no data).
     monitor.register(app, lambda: require_admin(settings))
     register_dashboard(app, store, lambda: require_admin(settings))
     return app
@@ -244,46 +253,68 @@ def error_response(error: ApiError) -> Response:
     return response
 
 
-def register_http_behaviour(app: Flask, settings: Settings) -> None:
-    """CORS on every response, preflights, and OpenAI error objects for every failure."""
-
-    @app.before_request
-    def preflight():
-        if request.method == "OPTIONS":
-            return Response(status=204)
-        return None
-
-    @app.before_request
-    def check_request():
-        """Refuse before the body is read: wrong client key, bad headers, too big, not JSON.
-
-        Reads the raw WSGI values: this runs on every request, hits included, and going through
-        ``request.headers`` re-parses the environ each time.
-        """
-        environ = request.environ
-        api_path = guard.is_api_path(request.path)
-        if api_path:
-            guard.check_client_key(settings.proxy_api_keys, environ.get("HTTP_AUTHORIZATION"))
-        guard.check_headers({name: value for name, value in environ.items()
-                             if name.startswith("HTTP_") and isinstance(value, str)})
-        guard.check_declared_size(request.content_length, settings.max_request_bytes)
-        # Only a request that reached a JSON route is held to its content type; a wrong route
-        # or method still gets its own 404/405.
-        if api_path and environ.get("REQUEST_METHOD") == "POST" and request.routing_exception is None:
-            guard.check_content_type(environ.get("CONTENT_TYPE"))
-
-    # Built once; appended in one call (no response sets these itself: upstream CORS headers are
-    # never relayed), which is cheaper on the hit path than four lookups-and-replaces.
-    cors_headers = [
+def cors_headers(settings: Settings) -> list[tuple[str, str]]:
+    """Sent on every response. Built once and appended in one call (no response sets these
+    itself: upstream CORS headers are never relayed), cheaper than four lookups-and-replaces."""
+    return [
         ("Access-Control-Allow-Origin", settings.cors_allow_origin),
         ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
         ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
         ("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS),
     ]
 
+
+def register_http_behaviour(app: Flask, settings: Settings, monitor: Monitor,
+                            upstream: UpstreamClient, access_log: AccessLog) -> None:
+    """Every request's hooks, CORS, preflights, and OpenAI error objects for every failure.
+
+    One ``before_request`` and one ``after_request`` hook do everything that surrounds a view:
+    Flask's per-hook dispatch costs as much as the work itself on a cache hit.
+    """
+    cors = cors_headers(settings)
+
+    @app.before_request
+    def begin() -> Response | None:
+        """Start the clock, answer preflights, and refuse before the body is read: wrong client
+        key, bad headers, too big, not JSON."""
+        environ = request.environ
+        environ[STARTED] = time.perf_counter()
+        upstream.reset_last_status()
+        if environ["REQUEST_METHOD"] == "OPTIONS":
+            return Response(status=204)
+        api_path = guard.is_api_path(request.path)
+        guard.check_request(environ, settings.proxy_api_keys, settings.max_request_bytes,
+                            api_path=api_path,
+                            json_route=(api_path and environ["REQUEST_METHOD"] == "POST"
+                                        and request.routing_exception is None))
+        return None
+
     @app.after_request
-    def cors(response: Response) -> Response:
-        response.headers.extend(cors_headers)
+    def finish(response: Response) -> Response:
+        """CORS headers, then count completion requests and log every request once (a stream
+        when it closes, so its latency is its whole length)."""
+        response.headers.extend(cors)
+        started = request.environ.get(STARTED)
+        rule = request.url_rule
+        route = rule.rule if rule is not None else None
+        headers = response.headers
+        cache = headers.get(STATUS_HEADER)
+        key = headers.get(KEY_HEADER)
+        if started is None:  # the request failed before the hook ran
+            started = time.perf_counter()
+        elif cache is not None and rule is not None and rule.endpoint.startswith(COMPLETION_ENDPOINTS):
+            monitor.count_response(route, cache, key, COALESCED_HEADER in headers,
+                                   time.perf_counter() - started, monitor.current_model())
+        method, status = request.method, response.status_code
+
+        def write_line() -> None:
+            access_log.write(method, route, status, cache, key, upstream.last_status(),
+                             time.perf_counter() - started)
+
+        if response.is_streamed:
+            response.call_on_close(write_line)
+        else:
+            write_line()
         return response
 
     @app.errorhandler(ApiError)
