@@ -4,18 +4,11 @@ A line holds the method, the matched route (never the raw path or query string, 
 controls), the status, the cache status, the first 12 characters of the cache key, the upstream
 status and the latency. Headers, keys and bodies never reach it, so the log can be shipped
 anywhere without carrying prompts or credentials.
-
-Writing a line through ``logging`` costs tens of microseconds, as much as the rest of a cache hit,
-so a server process may hand the writing to a background thread (``start_background_writer``):
-the request thread then only queues the record.
 """
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
-import queue
-from typing import Any
 
 ACCESS_LOGGER = "computer_use_cache.access"
 KEY_PREFIX_CHARS = 12
@@ -37,22 +30,3 @@ class AccessLog:
                        method if method in _KNOWN_METHODS else "OTHER", route or "(no route)",
                        status, cache or "-", (key or "")[:KEY_PREFIX_CHARS] or "-",
                        upstream if upstream is not None else "-", seconds * 1000)
-
-
-class _RecordQueueHandler(logging.handlers.QueueHandler):
-    """Queues the record as it is: formatting happens on the writer thread, not the request's."""
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
-
-
-def start_background_writer(logger: logging.Logger, handler: logging.Handler) -> Any:
-    """Route ``logger``'s records through a queue to ``handler`` on one writer thread.
-
-    Returns the listener; ``stop()`` it before the process exits, which writes what is queued.
-    """
-    records: queue.SimpleQueue = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
-    logger.addHandler(_RecordQueueHandler(records))
-    listener.start()
-    return listener
