@@ -17,7 +17,7 @@ _KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OP
 
 
 class AccessLog:
-    """Writes the lines; the app's request hooks (server.py) gather the facts."""
+    """Writes the lines; the request hooks (server.py) and the known-hit lane gather the facts."""
 
     def __init__(self, logger: logging.Logger | None = None):
         self._log = logger or logging.getLogger(ACCESS_LOGGER)

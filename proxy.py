@@ -40,6 +40,7 @@ SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 # their requests skip the known-bytes path.
 _CONTROL_HEADER_KEYS = ("HTTP_X_CACHE_BYPASS", "HTTP_CACHE_CONTROL", "HTTP_X_CACHE_TTL",
                         "HTTP_X_CACHE_NAMESPACE")
+_FINGERPRINT_ENVIRON = "computer_use_cache.fingerprint"
 _UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x7e]")
 
 
@@ -230,14 +231,19 @@ class CompletionProxy:
         bytes and (when the cache is partitioned by client key) the Authorization header.
 
         None for requests that carry per-request cache headers: they take the full path.
+        Worked out once per request: the known-hit lane and the Flask path share it (environ).
         """
-        if any(name in environ for name in _CONTROL_HEADER_KEYS):
-            return None
-        digest = hashlib.sha256(body)
-        if self.partitions.enabled:
-            authorization = environ.get("HTTP_AUTHORIZATION", "")
-            digest.update(b"\0" + authorization.encode("utf-8", "surrogateescape"))
-        return endpoint.mode, digest.digest()
+        if _FINGERPRINT_ENVIRON in environ:
+            return environ[_FINGERPRINT_ENVIRON]
+        fingerprint = None
+        if not any(name in environ for name in _CONTROL_HEADER_KEYS):
+            digest = hashlib.sha256(body)
+            if self.partitions.enabled:
+                authorization = environ.get("HTTP_AUTHORIZATION", "")
+                digest.update(b"\0" + authorization.encode("utf-8", "surrogateescape"))
+            fingerprint = endpoint.mode, digest.digest()
+        environ[_FINGERPRINT_ENVIRON] = fingerprint
+        return fingerprint
 
     def known_hit(self, endpoint: Endpoint, fingerprint: tuple[str, bytes] | None) -> StoredReply | None:
         """The stored answer for request bytes seen before, found without parsing them again;
