@@ -693,6 +693,11 @@ class SQLiteStore:
         else:
             expires_at = now + ttl_seconds
 
+        # What one hit saves goes into the same row write as the texts: a second UPDATE of the
+        # row would rewrite every page of a large (400 KB) entry again.
+        savings = (entry.prompt_tokens, entry.completion_tokens, entry.cost_usd,
+                   entry.upstream_seconds)
+
         def upsert(db: sqlite3.Connection) -> str:
             row = db.execute(
                 "SELECT created_at, expires_at FROM completions WHERE cache_key = ?", (entry.key,)
@@ -700,40 +705,33 @@ class SQLiteStore:
             if row is None:
                 db.execute(
                     "INSERT INTO completions(cache_key, mode, model, request_json, response_json, "
-                    "created_at, updated_at, last_hit_at, hits, expires_at, namespace) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ?)",
+                    "created_at, updated_at, last_hit_at, hits, expires_at, namespace, "
+                    "prompt_tokens, completion_tokens, cost_usd, upstream_seconds) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ?, ?, ?, ?, ?)",
                     (entry.key, entry.mode, entry.model, entry.request_json, entry.response_json,
-                     now, now, expires_at, namespace),
+                     now, now, expires_at, namespace, *savings),
                 )
                 return "stored"
             if self.is_expired(row[0], now, row[1]):
                 db.execute(
                     "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
                     "created_at = ?, updated_at = ?, last_hit_at = NULL, hits = 0, expires_at = ?, "
-                    "namespace = ? WHERE cache_key = ?",
+                    "namespace = ?, prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, "
+                    "upstream_seconds = ? WHERE cache_key = ?",
                     (entry.mode, entry.model, entry.request_json, entry.response_json, now, now,
-                     expires_at, namespace, entry.key),
+                     expires_at, namespace, *savings, entry.key),
                 )
                 return "stored"
             db.execute(
                 "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
-                "updated_at = ?, expires_at = ?, namespace = ? WHERE cache_key = ?",
+                "updated_at = ?, expires_at = ?, namespace = ?, prompt_tokens = ?, "
+                "completion_tokens = ?, cost_usd = ?, upstream_seconds = ? WHERE cache_key = ?",
                 (entry.mode, entry.model, entry.request_json, entry.response_json, now,
-                 expires_at, namespace, entry.key),
+                 expires_at, namespace, *savings, entry.key),
             )
             return "updated"
 
-        def upsert_with_savings(db: sqlite3.Connection) -> str:
-            status = upsert(db)
-            db.execute(
-                "UPDATE completions SET prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, "
-                "upstream_seconds = ? WHERE cache_key = ?",
-                (entry.prompt_tokens, entry.completion_tokens, entry.cost_usd, entry.upstream_seconds,
-                 entry.key),
-            )
-            return status
-
-        outcome = self._write(upsert_with_savings)
+        outcome = self._write(upsert)
         if self.max_entries or self.max_bytes:
             self._maintainer_wake.set()  # eviction runs in the background, never here
         return outcome  # type: ignore[return-value]

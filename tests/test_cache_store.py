@@ -198,3 +198,48 @@ def test_sqlite_store__unopenable_path_raises_store_error(tmp_path):
     store = SQLiteStore(str(blocker / "sub" / "c.sqlite3"), hit_flush_seconds=0)
     with pytest.raises(StoreError):
         store.get("k")
+
+
+def _completions_writes(statements: list[str]) -> set[str]:
+    """The distinct statements that wrote the completions table (the trace repeats a statement
+    once for each statement its triggers run)."""
+    return {sql for sql in statements
+            if sql.lstrip().upper().startswith(("INSERT INTO COMPLETIONS", "UPDATE COMPLETIONS"))}
+
+
+def _savings_entry(key: str, prompt_tokens: int) -> NewEntry:
+    return NewEntry(key, "chat", "m", "{}", '{"id":"x","choices":[1]}', prompt_tokens=prompt_tokens,
+                    completion_tokens=2 * prompt_tokens, cost_usd=0.5, upstream_seconds=1.25)
+
+
+@pytest.mark.parametrize("case", ["new", "live", "expired"])
+def test_sqlite_store__put_writes_the_row_once_with_its_savings(tmp_path, case):
+    """One row write per store: a second UPDATE for the savings would rewrite a 400 KB row again."""
+    clock = FakeClock()
+    statements: list[str] = []
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), ttl_seconds=100, clock=clock, hit_flush_seconds=0,
+                        on_write=lambda db: db.set_trace_callback(statements.append))
+    if case != "new":
+        store.put(_savings_entry("k", 1))
+        clock.advance(101 if case == "expired" else 10)
+    statements.clear()
+    status = store.put(_savings_entry("k", 7))
+    assert status == ("updated" if case == "live" else "stored")
+    writes = _completions_writes(statements)
+    assert len(writes) == 1, writes
+    top = store.top_entries(1)[0]
+    assert (top.prompt_tokens, top.completion_tokens, top.cost_usd, top.upstream_seconds) == (7, 14, 0.5, 1.25)
+    store.close()
+
+
+def test_sqlite_store__savings_count_per_hit_after_a_re_store(tmp_path):
+    clock = FakeClock()
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), clock=clock, hit_flush_seconds=0)
+    store.put(_savings_entry("k", 3))
+    store.put(_savings_entry("k", 5))  # live: "updated", the latest answer's savings count
+    store.record_hit("k")
+    store.record_hit("k")
+    stats = store.stats()
+    assert stats["tokens_saved"]["prompt"] == 10 and stats["tokens_saved"]["completion"] == 20
+    assert stats["entries"] == 1 and stats["hits_served"] == 2
+    store.close()
