@@ -106,14 +106,76 @@ class UpstreamStream:
         self._response.close()
 
 
-def _set_read_timeout(response: requests.Response, seconds: float) -> None:
+def _socket(response: requests.Response):
     connection = getattr(response.raw, "connection", None) or getattr(response.raw, "_connection", None)
-    sock = getattr(connection, "sock", None)
+    return getattr(connection, "sock", None)
+
+
+def _set_read_timeout(response: requests.Response, seconds: float) -> None:
+    sock = _socket(response)
     if sock is not None:
         sock.settimeout(max(seconds, 0.001))
 
 
+def _next_read_is_ready(response: requests.Response) -> bool:
+    """True when the next ``read1`` returns body bytes that have already arrived, without
+    waiting on the network; False when unsure (the caller then relays what it has).
+
+    Looks at what http.client has buffered (a peek on the socket made non-blocking for the
+    moment, so it never waits) and at its chunked-encoding state: a read must not start on a
+    chunk whose size line, or whose first byte, is still on its way.
+    """
+    http_response = getattr(response.raw, "_fp", None)
+    buffer = getattr(http_response, "fp", None)
+    sock = _socket(response)
+    if buffer is None or sock is None or not hasattr(buffer, "peek"):
+        return False
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        data = buffer.peek(1)
+    except (OSError, ValueError):  # nothing buffered (TLS says "want read"), or closed
+        return False
+    finally:
+        sock.settimeout(timeout)
+    if not data:
+        return False
+    if not getattr(http_response, "chunked", False):
+        return True
+    left = getattr(http_response, "chunk_left", None)
+    if left:
+        return True  # inside a chunk: its buffered bytes come back at once
+    view = data[2:] if left == 0 else data  # the CRLF that ends the previous chunk goes first
+    end = view.find(b"\n")
+    if end < 0 or end + 1 >= len(view):
+        return False
+    try:
+        size = int(view[:end].split(b";", 1)[0], 16)
+    except ValueError:
+        return False
+    return size > 0  # the last chunk (size 0) is left to the next, ordinary read
+
+
+def _with_ready_pieces(response: requests.Response, piece: bytes) -> bytes:
+    """``piece`` plus whatever more of the body has already arrived.
+
+    A provider often sends several events at once, each in an HTTP chunk of its own; relaying
+    them together costs one write to the client instead of one per event, and nothing waits.
+    """
+    pieces = [piece]
+    size = len(piece)
+    while size < _READ_SIZE and _next_read_is_ready(response):
+        more = response.raw.read1(_READ_SIZE - size, decode_content=True)
+        if not more:
+            break
+        pieces.append(more)
+        size += len(more)
+    return piece if len(pieces) == 1 else b"".join(pieces)
+
+
 def _read_pieces(response: requests.Response, deadline: float) -> Iterator[bytes]:
+    # With a content encoding (gzip) a read may wait for more input to decode: read plainly.
+    encoded = response.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -123,7 +185,7 @@ def _read_pieces(response: requests.Response, deadline: float) -> Iterator[bytes
             piece = response.raw.read1(_READ_SIZE, decode_content=True)
             if not piece:
                 return
-            yield piece
+            yield piece if encoded else _with_ready_pieces(response, piece)
     except (UpstreamFailed, GeneratorExit):
         raise
     except requests.exceptions.Timeout as exc:  # pragma: no cover - urllib3 wraps it below

@@ -107,7 +107,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fake_upstream import trickle_reply
+import json
+
+from fake_upstream import sse_reply, trickle_reply
 
 
 class _CountingServer(ThreadingHTTPServer):
@@ -242,3 +244,36 @@ def test_request__a_trickling_body_is_cut_at_the_total_deadline(fake_upstream):
     with pytest.raises(UpstreamTimeout):
         client.request("POST", "/chat/completions", {}, b"{}")
     assert time.monotonic() - started < 3
+
+
+def _events(count: int) -> list[dict]:
+    return [{"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": f"w{n}"}}]}
+            for n in range(count)]
+
+
+def test_iter_bytes__events_that_already_arrived_come_as_one_piece(fake_upstream):
+    """A dozen events sent at once are relayed in one write, not one write per upstream chunk."""
+    events = _events(12)
+    fake_upstream.enqueue(sse_reply(events))
+    stream = make_client(upstream_base_url=fake_upstream.base_url).open("POST", "/chat/completions", {}, b"{}")
+    time.sleep(0.3)  # every chunk is in by now
+    pieces = list(stream.iter_bytes())
+    stream.close()
+    # One piece, or two when the first read ended inside a chunk's size line.
+    assert len(pieces) <= 2
+    assert b"".join(pieces) == b"".join(
+        b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n" for event in events
+    ) + b"data: [DONE]\n\n"
+
+
+def test_iter_bytes__an_event_is_never_held_back_waiting_for_the_next(fake_upstream):
+    fake_upstream.enqueue(sse_reply(_events(3), delay_between=0.4))
+    stream = make_client(upstream_base_url=fake_upstream.base_url).open("POST", "/chat/completions", {}, b"{}")
+    started = time.monotonic()
+    pieces = stream.iter_bytes()
+    first = next(pieces)
+    assert time.monotonic() - started < 0.3
+    assert first.startswith(b"data: ") and first.count(b"data: ") == 1
+    rest = list(pieces)
+    stream.close()
+    assert b"".join([first, *rest]).count(b"data: ") == 4  # three events and [DONE]
