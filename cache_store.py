@@ -376,8 +376,9 @@ STATS_FLUSH_WAIT_MS = 100
 class SQLiteStore:
     """Cache entries in one SQLite file, shared safely by threads and worker processes.
 
-    Each thread of each process opens its own connection on first use (never before a fork) and
-    keeps it. Hits only read: their counters are summed in memory and written in one batch every
+    Lookups and writes take a connection from a pool per process, opened on first use (never
+    before a fork) and shared by its threads; other reads (stats, listing, maintenance) keep a
+    connection per thread. Hits only read: their counters are summed in memory and written in one batch every
     ``hit_flush_seconds`` and on ``flush``/``close``, so a hit never waits for a write lock.
     """
 
@@ -430,6 +431,13 @@ class SQLiteStore:
         self._flusher_pid: int | None = None
         self._flusher_stop = threading.Event()
         self._connections: list[sqlite3.Connection] = []
+        # Connections for the request paths (lookups, writes), shared by the threads of a
+        # process: opening one reads the whole schema (~0.5 ms of CPU), too much to pay again in
+        # each of hundreds of threads. A lookup holds one for microseconds, so a few serve all.
+        self._pool: list[sqlite3.Connection] = []
+        self._pool_pid: int | None = None
+        self._pool_generation = 0
+        self._pool_lock = threading.Lock()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -515,8 +523,30 @@ class SQLiteStore:
             local.pid = pid
         return local.db
 
+    def _checkout(self) -> tuple[sqlite3.Connection, int]:
+        """A connection from this process's pool (a new one when every one is in use), and the
+        pool generation to hand back with it to ``_checkin``."""
+        pid = os.getpid()
+        with self._pool_lock:
+            if self._pool_pid != pid:
+                # A pool inherited across fork is the parent's: never used (nor closed) here.
+                self._pool, self._pool_pid = [], pid
+            generation = self._pool_generation
+            db = self._pool.pop() if self._pool else None
+        if db is None:
+            db = self._open(pid)
+        return db, generation
+
+    def _checkin(self, db: sqlite3.Connection, generation: int) -> None:
+        """Back to the pool; closed instead after ``close`` or when left inside a transaction."""
+        with self._pool_lock:
+            if generation == self._pool_generation and not db.in_transaction:
+                self._pool.append(db)
+                return
+        db.close()
+
     def _open(self, pid: int) -> sqlite3.Connection:
-        """A new connection for this thread, with the schema ready.
+        """A new connection for this thread or the pool, with the schema ready.
 
         While the database cannot be opened this fails fast with the reason, tries again at most
         every ``reopen_seconds``, and logs the cause once rather than once per request.
@@ -559,9 +589,10 @@ class SQLiteStore:
     def unavailable_reason(self) -> str | None:
         """Why this process cannot use the database right now, or None when it can."""
         try:
-            self._db()
+            db, generation = self._checkout()
         except StoreError as exc:
             return str(exc)
+        self._checkin(db, generation)
         return None
 
     def _ensure_schema(self, db: sqlite3.Connection, pid: int) -> None:
@@ -602,7 +633,7 @@ class SQLiteStore:
         ``busy_timeout_ms`` waits less than usual for another writer (a caller that can do
         without the write, such as stats catching up on counters).
         """
-        db = self._db()
+        db, generation = self._checkout()
         try:
             with self._write_lock:
                 if self.on_write is not None:
@@ -617,6 +648,8 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             self._report_error("write")
             raise StoreError(str(exc)) from exc
+        finally:
+            self._checkin(db, generation)
 
     @staticmethod
     def _transaction(db: sqlite3.Connection, statements: Callable[[sqlite3.Connection], object]) -> object:
@@ -658,8 +691,9 @@ class SQLiteStore:
         than that many seconds ago (its updated_at: a forced refresh makes it young again).
         """
         self._start_maintainer()
+        db, generation = self._checkout()
         try:
-            row = self._db().execute(
+            row = db.execute(
                 "SELECT mode, model, response_json, created_at, updated_at, hits, expires_at "
                 "FROM completions WHERE cache_key = ?",
                 (key,),
@@ -667,6 +701,8 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             self._report_error("read")
             raise StoreError(str(exc)) from exc
+        finally:
+            self._checkin(db, generation)
         if row is None:
             return None
         now = self.clock()
@@ -915,6 +951,17 @@ class SQLiteStore:
         try:
             with self._lock:
                 connections, self._connections = self._connections, []
+            # Idle pooled connections are nobody's right now: closed here. One in use is
+            # closed by its thread when handed back (the generation no longer matches).
+            with self._pool_lock:
+                idle = self._pool if self._pool_pid == os.getpid() else []
+                self._pool = []
+                self._pool_generation += 1
+            for db in idle:
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
             # Only this thread's connection is closed here. Another thread may be inside a
             # statement on its own (a request still finishing, the flusher): closing a
             # connection under it can crash the interpreter. Dropping our references instead

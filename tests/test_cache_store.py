@@ -7,7 +7,9 @@ A future backend's tests subclass ``StoreContract`` and override the ``make_stor
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import threading
 
 import pytest
 
@@ -242,4 +244,70 @@ def test_sqlite_store__savings_count_per_hit_after_a_re_store(tmp_path):
     stats = store.stats()
     assert stats["tokens_saved"]["prompt"] == 10 and stats["tokens_saved"]["completion"] == 20
     assert stats["entries"] == 1 and stats["hits_served"] == 2
+    store.close()
+
+
+def test_sqlite_store__threads_share_pooled_connections(tmp_path):
+    """Opening a connection reads the whole schema: threads take turns on pooled ones instead."""
+    writers: list[int] = []
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0,
+                        on_write=lambda db: writers.append(id(db)))
+    for number in range(8):  # one after another, each in a thread of its own
+        thread = threading.Thread(target=lambda n=number: (store.get(f"k{n}"), store.put(entry(f"k{n}"))))
+        thread.start()
+        thread.join()
+    assert all(store.get(f"k{n}") is not None for n in range(8))
+    assert len(set(writers)) == 1
+    assert len(store._connections) == 1
+    store.close()
+
+
+def test_sqlite_store__concurrent_threads_read_and_write_safely(tmp_path):
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0)
+    barrier = threading.Barrier(16)
+    results: dict[int, str] = {}
+
+    def work(n: int) -> None:
+        barrier.wait()
+        results[n] = store.put(entry(f"k{n}"))
+        assert store.get(f"k{n}").key == f"k{n}"
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {n: "stored" for n in range(16)}
+    assert store.stats()["entries"] == 16
+    store.close()
+
+
+def test_sqlite_store__usable_again_after_close(tmp_path):
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0)
+    store.put(entry("a"))
+    store.close()
+    assert store.get("a") is not None
+    assert store.put(entry("b")) == "stored"
+    store.close()
+
+
+def test_sqlite_store__a_forked_child_opens_connections_of_its_own(tmp_path):
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0)
+    store.put(entry("parent"))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            inherited = set(map(id, store._pool))
+            ok = store.get("parent") is not None and store.put(entry("child")) == "stored"
+            own = not inherited & set(map(id, store._pool))
+            os.write(write_end, b"ok" if ok and own else b"bad")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 8) == b"ok"
+    os.close(read_end)
+    assert store.get("child") is not None
+    assert store.put(entry("parent")) == "updated"
     store.close()
