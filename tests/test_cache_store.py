@@ -311,3 +311,50 @@ def test_sqlite_store__a_forked_child_opens_connections_of_its_own(tmp_path):
     assert store.get("child") is not None
     assert store.put(entry("parent")) == "updated"
     store.close()
+
+
+def test_sqlite_store__a_flush_waits_for_the_one_in_progress(tmp_path):
+    """Eviction flushes to rank entries by their last hit: it must not find the pending hits
+    taken by the background flush and not yet written."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(db):
+        if threading.current_thread().name == "first-flush":
+            entered.set()
+            release.wait(5)
+
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0,
+                        on_write=hook)
+    store.put(entry("k"))
+    store.record_hit("k")
+    first = threading.Thread(target=store.flush, name="first-flush")
+    first.start()
+    assert entered.wait(5)
+    second = threading.Thread(target=store.flush)
+    second.start()
+    second.join(0.2)
+    assert second.is_alive()
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert store.get("k").hits == 1
+    store.close()
+
+
+def test_sqlite_store__many_stored_bytes_wake_the_background_checkpoint(tmp_path, monkeypatch):
+    """Checkpoints run in the flusher, not in the COMMIT of whichever request crosses SQLite's
+    threshold while every other store waits for the write lock."""
+    import cache_store
+
+    monkeypatch.setattr(cache_store, "CHECKPOINT_AFTER_BYTES", 10_000)
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=60, maintenance_seconds=0)
+    checkpointed = threading.Event()
+    checkpoint = store.checkpoint
+    store.checkpoint = lambda: (checkpoint(), checkpointed.set())
+    store.put(NewEntry("big", "chat", "m", "x" * 20_000, "{}"))
+    assert checkpointed.wait(5)  # long before the 60 s flush period
+    db = sqlite3.connect(tmp_path / "c.sqlite3")
+    busy, frames, backfilled = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert frames == backfilled
+    db.close()
+    store.close()
