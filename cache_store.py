@@ -240,6 +240,22 @@ def _m003_stats(db: sqlite3.Connection) -> None:
     )
 
 
+class _QueuedPut:
+    """One store waiting for the write lock: whoever takes the lock first writes every queued
+    one in its transaction, and hands each its outcome or its error."""
+
+    __slots__ = ("upsert", "done", "outcome", "error")
+
+    def __init__(self, upsert: Callable[[sqlite3.Connection], str]):
+        self.upsert = upsert
+        self.done = False
+        self.outcome: str | None = None
+        self.error: BaseException | None = None
+
+    def finish(self, outcome: str | None = None, error: BaseException | None = None) -> None:
+        self.outcome, self.error, self.done = outcome, error, True
+
+
 class RequestTally:
     """Requests counted in memory between two flushes: totals, per model, per time bucket, recent."""
 
@@ -432,6 +448,8 @@ class SQLiteStore:
         # 100 ms) while another connection holds the write lock.
         self._write_lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        self._queue: list[_QueuedPut] = []
+        self._queue_lock = threading.Lock()
         self._pending_hits: dict[str, list[float]] = {}
         self._pending_requests = RequestTally()
         # Told the operation name whenever the database fails (the metrics count store errors).
@@ -664,6 +682,65 @@ class SQLiteStore:
         finally:
             self._checkin(db, generation)
 
+    def _write_queued(self, put: _QueuedPut) -> str:
+        """Store through the queue: concurrent stores share one transaction (group commit).
+
+        Under a burst the write lock, not SQLite, is the bottleneck: every transaction takes
+        several turns of the GIL among hundreds of threads while it holds the lock. One
+        transaction for everything queued meanwhile pays that once. A batch that fails is
+        written again one store per transaction, so each gets exactly its own outcome or error.
+        """
+        with self._queue_lock:
+            self._queue.append(put)
+        with self._write_lock:
+            if not put.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                try:
+                    self._write_batch(batch)
+                finally:
+                    for queued in batch:
+                        if not queued.done:
+                            queued.finish(error=StoreError("the cache write did not complete"))
+        if put.error is not None:
+            raise put.error
+        return put.outcome  # type: ignore[return-value]
+
+    def _write_batch(self, batch: list[_QueuedPut]) -> None:
+        """Called with the write lock held."""
+        try:
+            db, generation = self._checkout()
+        except StoreError as exc:
+            for put in batch:
+                put.finish(error=StoreError(str(exc)))
+            return
+        try:
+            if len(batch) > 1:
+                try:
+                    if self.on_write is not None:
+                        self.on_write(db)
+                    outcomes = self._transaction(db, lambda db: [put.upsert(db) for put in batch])
+                except Exception:  # one at a time below: each gets its own outcome or error
+                    pass
+                else:
+                    for put, outcome in zip(batch, outcomes):  # type: ignore[call-overload]
+                        put.finish(outcome)
+                    return
+            for put in batch:
+                try:
+                    if self.on_write is not None:
+                        self.on_write(db)
+                    put.finish(self._transaction(db, put.upsert))  # type: ignore[arg-type]
+                except sqlite3.Error as exc:
+                    self._report_error("write")
+                    error = StoreError(str(exc))
+                    error.__cause__ = exc
+                    put.finish(error=error)
+                except Exception as exc:
+                    put.finish(error=exc)
+        finally:
+            self._checkin(db, generation)
+
     @staticmethod
     def _transaction(db: sqlite3.Connection, statements: Callable[[sqlite3.Connection], object]) -> object:
         db.execute("BEGIN IMMEDIATE")
@@ -780,7 +857,7 @@ class SQLiteStore:
             )
             return "updated"
 
-        outcome = self._write(upsert)
+        outcome = self._write_queued(_QueuedPut(upsert))
         self._bytes_since_checkpoint += len(entry.request_json) + len(entry.response_json)
         if self._bytes_since_checkpoint > CHECKPOINT_AFTER_BYTES:
             self._flusher_wake.set()

@@ -10,10 +10,11 @@ import json
 import os
 import sqlite3
 import threading
+import time
 
 import pytest
 
-from cache_store import MIGRATIONS, NewEntry, SQLiteStore
+from cache_store import MIGRATIONS, NewEntry, SQLiteStore, StoreError
 from helpers import FakeClock
 
 
@@ -357,4 +358,64 @@ def test_sqlite_store__many_stored_bytes_wake_the_background_checkpoint(tmp_path
     busy, frames, backfilled = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     assert frames == backfilled
     db.close()
+    store.close()
+
+
+def _queue_behind_a_held_write(store: SQLiteStore, entries: list[NewEntry], hold: threading.Event,
+                               results: dict) -> list[threading.Thread]:
+    """Start one store per entry while the first transaction is held inside its on_write hook."""
+    def put(item: NewEntry) -> None:
+        try:
+            results[item.key] = store.put(item)
+        except Exception as exc:  # the test looks at which store failed, and how
+            results[item.key] = exc
+
+    threads = [threading.Thread(target=put, args=(item,)) for item in entries]
+    threads[0].start()
+    assert hold.wait(5)
+    for thread in threads[1:]:
+        thread.start()
+    time.sleep(0.3)  # the others queue behind the held write lock
+    return threads
+
+
+def _holding_hook(transactions: list, entered: threading.Event, release: threading.Event):
+    def hook(db):
+        transactions.append(db)
+        if len(transactions) == 1:
+            entered.set()
+            release.wait(5)
+    return hook
+
+
+def test_sqlite_store__concurrent_stores_share_one_transaction(tmp_path):
+    transactions: list = []
+    entered, release = threading.Event(), threading.Event()
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0,
+                        on_write=_holding_hook(transactions, entered, release))
+    results: dict = {}
+    threads = _queue_behind_a_held_write(store, [entry(f"k{n}") for n in range(10)], entered, results)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert len(transactions) == 2  # the first store alone, then the nine queued behind it
+    assert results == {f"k{n}": "stored" for n in range(10)}
+    assert store.stats()["entries"] == 10
+    store.close()
+
+
+def test_sqlite_store__a_failing_store_in_a_batch_fails_alone(tmp_path):
+    transactions: list = []
+    entered, release = threading.Event(), threading.Event()
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0,
+                        on_write=_holding_hook(transactions, entered, release))
+    results: dict = {}
+    bad = NewEntry("bad", "chat", {"not": "bindable"}, "{}", "{}")  # type: ignore[arg-type]
+    threads = _queue_behind_a_held_write(store, [entry("first"), entry("a"), bad, entry("b")], entered, results)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert (results["first"], results["a"], results["b"]) == ("stored", "stored", "stored")
+    assert isinstance(results["bad"], StoreError)
+    assert store.get("bad") is None and store.stats()["entries"] == 3
     store.close()
