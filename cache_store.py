@@ -524,8 +524,10 @@ class SQLiteStore:
             # NORMAL under WAL: a power cut may lose the last commits, never corrupt the file;
             # the right trade for a cache, and it takes the fsync off every commit.
             db.execute("PRAGMA synchronous=NORMAL")
-            # Checkpoints belong to the background flusher (CHECKPOINT_AFTER_BYTES above).
-            db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            if self.hit_flush_seconds > 0:
+                # Checkpoints belong to the background flusher (CHECKPOINT_AFTER_BYTES above);
+                # without one, SQLite's default (1000 pages) stays.
+                db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         except sqlite3.Error as exc:
             db.close()
             raise StoreError(f"cannot open the cache database: {exc}") from exc
