@@ -244,10 +244,13 @@ class _QueuedPut:
     """One store waiting for the write lock: whoever takes the lock first writes every queued
     one in its transaction, and hands each its outcome or its error."""
 
-    __slots__ = ("upsert", "done", "outcome", "error")
+    __slots__ = ("entry", "now", "expires_at", "namespace", "done", "outcome", "error")
 
-    def __init__(self, upsert: Callable[[sqlite3.Connection], str]):
-        self.upsert = upsert
+    def __init__(self, entry: NewEntry, now: float, expires_at: float | None, namespace: str | None):
+        self.entry = entry
+        self.now = now
+        self.expires_at = expires_at
+        self.namespace = namespace
         self.done = False
         self.outcome: str | None = None
         self.error: BaseException | None = None
@@ -392,6 +395,25 @@ def savings(prompt: float, completion: float, cost: float, seconds: float) -> di
 # under a burst, with every other store waiting behind it).
 CHECKPOINT_AFTER_BYTES = 4 * 1024 * 1024
 WAL_AUTOCHECKPOINT_PAGES = 10000
+
+# Stores written by one statement (13 values each: within SQLite's oldest limit of 999).
+_ROWS_PER_STATEMENT = 50
+_INSERT_SQL = (
+    "INSERT INTO completions(cache_key, mode, model, request_json, response_json, created_at, "
+    "updated_at, last_hit_at, hits, expires_at, namespace, prompt_tokens, completion_tokens, "
+    "cost_usd, upstream_seconds) VALUES "
+)
+_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ?, ?, ?, ?, ?)"
+_REPLACE_EXPIRED_SQL = (
+    "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
+    "created_at = ?, updated_at = ?, last_hit_at = NULL, hits = 0, expires_at = ?, namespace = ?, "
+    "prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, upstream_seconds = ? WHERE cache_key = ?"
+)
+_UPDATE_LIVE_SQL = (
+    "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
+    "updated_at = ?, expires_at = ?, namespace = ?, prompt_tokens = ?, completion_tokens = ?, "
+    "cost_usd = ?, upstream_seconds = ? WHERE cache_key = ?"
+)
 
 # How long /cache/stats and /healthz wait for the write lock to add this process's counters.
 STATS_FLUSH_WAIT_MS = 100
@@ -708,6 +730,55 @@ class SQLiteStore:
             raise put.error
         return put.outcome  # type: ignore[return-value]
 
+    def _upsert(self, db: sqlite3.Connection, batch: list[_QueuedPut]) -> list[str]:
+        """Insert or replace each queued store, in order, with as few statements as possible:
+        one SELECT for every key and one INSERT for every new one. Each statement step hands
+        the GIL over, and under a burst each hand-over can cost milliseconds while the write
+        lock is held; a statement per store and per key paid that many times over.
+
+        Replacing a live entry keeps its created_at (the TTL counts from the first store); an
+        expired one is replaced as new. What one hit saves goes into the same row write as the
+        texts: a second UPDATE would rewrite every page of a large (400 KB) row again.
+        """
+        keys = list(dict.fromkeys(put.entry.key for put in batch))
+        known: dict[str, tuple[float, float | None]] = {}
+        for start in range(0, len(keys), _ROWS_PER_STATEMENT):
+            part = keys[start:start + _ROWS_PER_STATEMENT]
+            known.update((key, (created_at, expires_at)) for key, created_at, expires_at in db.execute(
+                "SELECT cache_key, created_at, expires_at FROM completions "
+                f"WHERE cache_key IN ({','.join('?' * len(part))})", part))
+        inserts: list[tuple] = []
+        updates: list[tuple[str, tuple]] = []
+        outcomes = []
+        for put in batch:
+            entry, now = put.entry, put.now
+            texts = (entry.mode, entry.model, entry.request_json, entry.response_json)
+            savings = (entry.prompt_tokens, entry.completion_tokens, entry.cost_usd,
+                       entry.upstream_seconds)
+            row = known.get(entry.key)
+            if row is None:
+                inserts.append((entry.key, *texts, now, now, put.expires_at, put.namespace, *savings))
+                known[entry.key] = (now, put.expires_at)
+                outcomes.append("stored")
+            elif self.is_expired(row[0], now, row[1]):
+                updates.append((_REPLACE_EXPIRED_SQL, (*texts, now, now, put.expires_at, put.namespace,
+                                                       *savings, entry.key)))
+                known[entry.key] = (now, put.expires_at)
+                outcomes.append("stored")
+            else:
+                updates.append((_UPDATE_LIVE_SQL, (*texts, now, put.expires_at, put.namespace, *savings,
+                                                   entry.key)))
+                known[entry.key] = (row[0], put.expires_at)
+                outcomes.append("updated")
+        # New keys first: a later store of the same key in this batch updates the new row.
+        for start in range(0, len(inserts), _ROWS_PER_STATEMENT):
+            part = inserts[start:start + _ROWS_PER_STATEMENT]
+            db.execute(_INSERT_SQL + ", ".join([_INSERT_ROW] * len(part)),
+                       [value for row in part for value in row])
+        for sql, params in updates:
+            db.execute(sql, params)
+        return outcomes
+
     def _write_batch(self, batch: list[_QueuedPut]) -> None:
         """Called with the write lock held."""
         try:
@@ -721,7 +792,7 @@ class SQLiteStore:
                 try:
                     if self.on_write is not None:
                         self.on_write(db)
-                    outcomes = self._transaction(db, lambda db: [put.upsert(db) for put in batch])
+                    outcomes = self._transaction(db, lambda db: self._upsert(db, batch))
                 except Exception:  # one at a time below: each gets its own outcome or error
                     pass
                 else:
@@ -732,7 +803,7 @@ class SQLiteStore:
                 try:
                     if self.on_write is not None:
                         self.on_write(db)
-                    put.finish(self._transaction(db, put.upsert))  # type: ignore[arg-type]
+                    put.finish(self._transaction(db, lambda db: self._upsert(db, [put])[0]))  # type: ignore[arg-type]
                 except sqlite3.Error as exc:
                     self._report_error("write")
                     error = StoreError(str(exc))
@@ -821,45 +892,7 @@ class SQLiteStore:
         else:
             expires_at = now + ttl_seconds
 
-        # What one hit saves goes into the same row write as the texts: a second UPDATE of the
-        # row would rewrite every page of a large (400 KB) entry again.
-        savings = (entry.prompt_tokens, entry.completion_tokens, entry.cost_usd,
-                   entry.upstream_seconds)
-
-        def upsert(db: sqlite3.Connection) -> str:
-            row = db.execute(
-                "SELECT created_at, expires_at FROM completions WHERE cache_key = ?", (entry.key,)
-            ).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO completions(cache_key, mode, model, request_json, response_json, "
-                    "created_at, updated_at, last_hit_at, hits, expires_at, namespace, "
-                    "prompt_tokens, completion_tokens, cost_usd, upstream_seconds) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ?, ?, ?, ?, ?)",
-                    (entry.key, entry.mode, entry.model, entry.request_json, entry.response_json,
-                     now, now, expires_at, namespace, *savings),
-                )
-                return "stored"
-            if self.is_expired(row[0], now, row[1]):
-                db.execute(
-                    "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
-                    "created_at = ?, updated_at = ?, last_hit_at = NULL, hits = 0, expires_at = ?, "
-                    "namespace = ?, prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, "
-                    "upstream_seconds = ? WHERE cache_key = ?",
-                    (entry.mode, entry.model, entry.request_json, entry.response_json, now, now,
-                     expires_at, namespace, *savings, entry.key),
-                )
-                return "stored"
-            db.execute(
-                "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
-                "updated_at = ?, expires_at = ?, namespace = ?, prompt_tokens = ?, "
-                "completion_tokens = ?, cost_usd = ?, upstream_seconds = ? WHERE cache_key = ?",
-                (entry.mode, entry.model, entry.request_json, entry.response_json, now,
-                 expires_at, namespace, *savings, entry.key),
-            )
-            return "updated"
-
-        outcome = self._write_queued(_QueuedPut(upsert))
+        outcome = self._write_queued(_QueuedPut(entry, now, expires_at, namespace))
         self._bytes_since_checkpoint += len(entry.request_json) + len(entry.response_json)
         if self._bytes_since_checkpoint > CHECKPOINT_AFTER_BYTES:
             self._flusher_wake.set()

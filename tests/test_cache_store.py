@@ -419,3 +419,46 @@ def test_sqlite_store__a_failing_store_in_a_batch_fails_alone(tmp_path):
     assert isinstance(results["bad"], StoreError)
     assert store.get("bad") is None and store.stats()["entries"] == 3
     store.close()
+
+
+def test_sqlite_store__a_batch_gives_each_store_what_it_would_get_alone(tmp_path):
+    """New, live and expired keys, and one key twice, in one transaction: outcomes, rows and
+    running totals as if each store had been written on its own, in queue order."""
+    clock = FakeClock()
+    transactions: list = []
+    entered, release = threading.Event(), threading.Event()
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), ttl_seconds=100, clock=clock, hit_flush_seconds=0,
+                        maintenance_seconds=0)
+    store.put(entry("expired"))
+    clock.advance(60)
+    store.put(entry("live"))
+    clock.advance(45)  # TTL 100: "live" is 45 s old, "expired" 105 s old
+    store.on_write = _holding_hook(transactions, entered, release)
+    batch = [entry("first"), entry("new", {"id": "one", "choices": [1]}), entry("live"), entry("expired"),
+             entry("new", {"id": "two", "choices": [1]})]
+    outcomes: dict[int, str] = {}
+
+    def put(position: int) -> None:
+        outcomes[position] = store.put(batch[position])
+
+    threads = [threading.Thread(target=put, args=(position,)) for position in range(len(batch))]
+    threads[0].start()
+    assert entered.wait(5)
+    for thread in threads[1:]:
+        thread.start()
+        time.sleep(0.05)  # queue in this order
+    time.sleep(0.2)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert len(transactions) == 2
+    assert outcomes == {0: "stored", 1: "stored", 2: "updated", 3: "stored", 4: "updated"}
+    assert json.loads(store.get("new").response_json)["id"] == "two"
+    assert store.get("expired").created_at == clock.now
+    stats = store.stats()
+    db = sqlite3.connect(tmp_path / "c.sqlite3")
+    (count, size), = db.execute("SELECT count(*), sum(length(CAST(request_json AS BLOB)) "
+                                "+ length(CAST(response_json AS BLOB))) FROM completions")
+    db.close()
+    assert (stats["entries"], stats["stored_bytes"]) == (count, size) == (4, size)
+    store.close()
