@@ -240,6 +240,25 @@ def _m003_stats(db: sqlite3.Connection) -> None:
     )
 
 
+class _QueuedPut:
+    """One store waiting for the write lock: whoever takes the lock first writes every queued
+    one in its transaction, and hands each its outcome or its error."""
+
+    __slots__ = ("entry", "now", "expires_at", "namespace", "done", "outcome", "error")
+
+    def __init__(self, entry: NewEntry, now: float, expires_at: float | None, namespace: str | None):
+        self.entry = entry
+        self.now = now
+        self.expires_at = expires_at
+        self.namespace = namespace
+        self.done = False
+        self.outcome: str | None = None
+        self.error: BaseException | None = None
+
+    def finish(self, outcome: str | None = None, error: BaseException | None = None) -> None:
+        self.outcome, self.error, self.done = outcome, error, True
+
+
 class RequestTally:
     """Requests counted in memory between two flushes: totals, per model, per time bucket, recent."""
 
@@ -369,6 +388,33 @@ def savings(prompt: float, completion: float, cost: float, seconds: float) -> di
     }
 
 
+# Checkpoints (copying the write-ahead log back into the database, with an fsync) run in the
+# background flusher once this many bytes were stored since the last one, and at every flush.
+# SQLite's own automatic checkpoint stays on as a safety net at a larger size: it runs inside
+# the COMMIT of whichever request crosses it, holding the write lock (measured: up to ~370 ms
+# under a burst, with every other store waiting behind it).
+CHECKPOINT_AFTER_BYTES = 4 * 1024 * 1024
+WAL_AUTOCHECKPOINT_PAGES = 10000
+
+# Stores written by one statement (13 values each: within SQLite's oldest limit of 999).
+_ROWS_PER_STATEMENT = 50
+_INSERT_SQL = (
+    "INSERT INTO completions(cache_key, mode, model, request_json, response_json, created_at, "
+    "updated_at, last_hit_at, hits, expires_at, namespace, prompt_tokens, completion_tokens, "
+    "cost_usd, upstream_seconds) VALUES "
+)
+_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ?, ?, ?, ?, ?)"
+_REPLACE_EXPIRED_SQL = (
+    "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
+    "created_at = ?, updated_at = ?, last_hit_at = NULL, hits = 0, expires_at = ?, namespace = ?, "
+    "prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, upstream_seconds = ? WHERE cache_key = ?"
+)
+_UPDATE_LIVE_SQL = (
+    "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
+    "updated_at = ?, expires_at = ?, namespace = ?, prompt_tokens = ?, completion_tokens = ?, "
+    "cost_usd = ?, upstream_seconds = ? WHERE cache_key = ?"
+)
+
 # How long /cache/stats and /healthz wait for the write lock to add this process's counters.
 STATS_FLUSH_WAIT_MS = 100
 
@@ -376,8 +422,9 @@ STATS_FLUSH_WAIT_MS = 100
 class SQLiteStore:
     """Cache entries in one SQLite file, shared safely by threads and worker processes.
 
-    Each thread of each process opens its own connection on first use (never before a fork) and
-    keeps it. Hits only read: their counters are summed in memory and written in one batch every
+    Lookups and writes take a connection from a pool per process, opened on first use (never
+    before a fork) and shared by its threads; other reads (stats, listing, maintenance) keep a
+    connection per thread. Hits only read: their counters are summed in memory and written in one batch every
     ``hit_flush_seconds`` and on ``flush``/``close``, so a hit never waits for a write lock.
     """
 
@@ -422,6 +469,9 @@ class SQLiteStore:
         # free, instead of meeting SQLite's busy handler, which sleeps in growing steps (up to
         # 100 ms) while another connection holds the write lock.
         self._write_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._queue: list[_QueuedPut] = []
+        self._queue_lock = threading.Lock()
         self._pending_hits: dict[str, list[float]] = {}
         self._pending_requests = RequestTally()
         # Told the operation name whenever the database fails (the metrics count store errors).
@@ -429,7 +479,16 @@ class SQLiteStore:
         self._schema_ready_pid: int | None = None
         self._flusher_pid: int | None = None
         self._flusher_stop = threading.Event()
+        self._flusher_wake = threading.Event()
+        self._bytes_since_checkpoint = 0
         self._connections: list[sqlite3.Connection] = []
+        # Connections for the request paths (lookups, writes), shared by the threads of a
+        # process: opening one reads the whole schema (~0.5 ms of CPU), too much to pay again in
+        # each of hundreds of threads. A lookup holds one for microseconds, so a few serve all.
+        self._pool: list[sqlite3.Connection] = []
+        self._pool_pid: int | None = None
+        self._pool_generation = 0
+        self._pool_lock = threading.Lock()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -487,6 +546,10 @@ class SQLiteStore:
             # NORMAL under WAL: a power cut may lose the last commits, never corrupt the file;
             # the right trade for a cache, and it takes the fsync off every commit.
             db.execute("PRAGMA synchronous=NORMAL")
+            if self.hit_flush_seconds > 0:
+                # Checkpoints belong to the background flusher (CHECKPOINT_AFTER_BYTES above);
+                # without one, SQLite's default (1000 pages) stays.
+                db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         except sqlite3.Error as exc:
             db.close()
             raise StoreError(f"cannot open the cache database: {exc}") from exc
@@ -515,8 +578,30 @@ class SQLiteStore:
             local.pid = pid
         return local.db
 
+    def _checkout(self) -> tuple[sqlite3.Connection, int]:
+        """A connection from this process's pool (a new one when every one is in use), and the
+        pool generation to hand back with it to ``_checkin``."""
+        pid = os.getpid()
+        with self._pool_lock:
+            if self._pool_pid != pid:
+                # A pool inherited across fork is the parent's: never used (nor closed) here.
+                self._pool, self._pool_pid = [], pid
+            generation = self._pool_generation
+            db = self._pool.pop() if self._pool else None
+        if db is None:
+            db = self._open(pid)
+        return db, generation
+
+    def _checkin(self, db: sqlite3.Connection, generation: int) -> None:
+        """Back to the pool; closed instead after ``close`` or when left inside a transaction."""
+        with self._pool_lock:
+            if generation == self._pool_generation and not db.in_transaction:
+                self._pool.append(db)
+                return
+        db.close()
+
     def _open(self, pid: int) -> sqlite3.Connection:
-        """A new connection for this thread, with the schema ready.
+        """A new connection for this thread or the pool, with the schema ready.
 
         While the database cannot be opened this fails fast with the reason, tries again at most
         every ``reopen_seconds``, and logs the cause once rather than once per request.
@@ -559,9 +644,10 @@ class SQLiteStore:
     def unavailable_reason(self) -> str | None:
         """Why this process cannot use the database right now, or None when it can."""
         try:
-            self._db()
+            db, generation = self._checkout()
         except StoreError as exc:
             return str(exc)
+        self._checkin(db, generation)
         return None
 
     def _ensure_schema(self, db: sqlite3.Connection, pid: int) -> None:
@@ -602,7 +688,7 @@ class SQLiteStore:
         ``busy_timeout_ms`` waits less than usual for another writer (a caller that can do
         without the write, such as stats catching up on counters).
         """
-        db = self._db()
+        db, generation = self._checkout()
         try:
             with self._write_lock:
                 if self.on_write is not None:
@@ -617,6 +703,116 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             self._report_error("write")
             raise StoreError(str(exc)) from exc
+        finally:
+            self._checkin(db, generation)
+
+    def _write_queued(self, put: _QueuedPut) -> str:
+        """Store through the queue: concurrent stores share one transaction (group commit).
+
+        Under a burst the write lock, not SQLite, is the bottleneck: every transaction takes
+        several turns of the GIL among hundreds of threads while it holds the lock. One
+        transaction for everything queued meanwhile pays that once. A batch that fails is
+        written again one store per transaction, so each gets exactly its own outcome or error.
+        """
+        with self._queue_lock:
+            self._queue.append(put)
+        with self._write_lock:
+            if not put.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                try:
+                    self._write_batch(batch)
+                finally:
+                    for queued in batch:
+                        if not queued.done:
+                            queued.finish(error=StoreError("the cache write did not complete"))
+        if put.error is not None:
+            raise put.error
+        return put.outcome  # type: ignore[return-value]
+
+    def _upsert(self, db: sqlite3.Connection, batch: list[_QueuedPut]) -> list[str]:
+        """Insert or replace each queued store, in order, with as few statements as possible:
+        one SELECT for every key and one INSERT for every new one. Each statement step hands
+        the GIL over, and under a burst each hand-over can cost milliseconds while the write
+        lock is held; a statement per store and per key paid that many times over.
+
+        Replacing a live entry keeps its created_at (the TTL counts from the first store); an
+        expired one is replaced as new. What one hit saves goes into the same row write as the
+        texts: a second UPDATE would rewrite every page of a large (400 KB) row again.
+        """
+        keys = list(dict.fromkeys(put.entry.key for put in batch))
+        known: dict[str, tuple[float, float | None]] = {}
+        for start in range(0, len(keys), _ROWS_PER_STATEMENT):
+            part = keys[start:start + _ROWS_PER_STATEMENT]
+            known.update((key, (created_at, expires_at)) for key, created_at, expires_at in db.execute(
+                "SELECT cache_key, created_at, expires_at FROM completions "
+                f"WHERE cache_key IN ({','.join('?' * len(part))})", part))
+        inserts: list[tuple] = []
+        updates: list[tuple[str, tuple]] = []
+        outcomes = []
+        for put in batch:
+            entry, now = put.entry, put.now
+            texts = (entry.mode, entry.model, entry.request_json, entry.response_json)
+            savings = (entry.prompt_tokens, entry.completion_tokens, entry.cost_usd,
+                       entry.upstream_seconds)
+            row = known.get(entry.key)
+            if row is None:
+                inserts.append((entry.key, *texts, now, now, put.expires_at, put.namespace, *savings))
+                known[entry.key] = (now, put.expires_at)
+                outcomes.append("stored")
+            elif self.is_expired(row[0], now, row[1]):
+                updates.append((_REPLACE_EXPIRED_SQL, (*texts, now, now, put.expires_at, put.namespace,
+                                                       *savings, entry.key)))
+                known[entry.key] = (now, put.expires_at)
+                outcomes.append("stored")
+            else:
+                updates.append((_UPDATE_LIVE_SQL, (*texts, now, put.expires_at, put.namespace, *savings,
+                                                   entry.key)))
+                known[entry.key] = (row[0], put.expires_at)
+                outcomes.append("updated")
+        # New keys first: a later store of the same key in this batch updates the new row.
+        for start in range(0, len(inserts), _ROWS_PER_STATEMENT):
+            part = inserts[start:start + _ROWS_PER_STATEMENT]
+            db.execute(_INSERT_SQL + ", ".join([_INSERT_ROW] * len(part)),
+                       [value for row in part for value in row])
+        for sql, params in updates:
+            db.execute(sql, params)
+        return outcomes
+
+    def _write_batch(self, batch: list[_QueuedPut]) -> None:
+        """Called with the write lock held."""
+        try:
+            db, generation = self._checkout()
+        except StoreError as exc:
+            for put in batch:
+                put.finish(error=StoreError(str(exc)))
+            return
+        try:
+            if len(batch) > 1:
+                try:
+                    if self.on_write is not None:
+                        self.on_write(db)
+                    outcomes = self._transaction(db, lambda db: self._upsert(db, batch))
+                except Exception:  # one at a time below: each gets its own outcome or error
+                    pass
+                else:
+                    for put, outcome in zip(batch, outcomes):  # type: ignore[call-overload]
+                        put.finish(outcome)
+                    return
+            for put in batch:
+                try:
+                    if self.on_write is not None:
+                        self.on_write(db)
+                    put.finish(self._transaction(db, lambda db: self._upsert(db, [put])[0]))  # type: ignore[arg-type]
+                except sqlite3.Error as exc:
+                    self._report_error("write")
+                    error = StoreError(str(exc))
+                    error.__cause__ = exc
+                    put.finish(error=error)
+                except Exception as exc:
+                    put.finish(error=exc)
+        finally:
+            self._checkin(db, generation)
 
     @staticmethod
     def _transaction(db: sqlite3.Connection, statements: Callable[[sqlite3.Connection], object]) -> object:
@@ -658,8 +854,9 @@ class SQLiteStore:
         than that many seconds ago (its updated_at: a forced refresh makes it young again).
         """
         self._start_maintainer()
+        db, generation = self._checkout()
         try:
-            row = self._db().execute(
+            row = db.execute(
                 "SELECT mode, model, response_json, created_at, updated_at, hits, expires_at "
                 "FROM completions WHERE cache_key = ?",
                 (key,),
@@ -667,6 +864,8 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             self._report_error("read")
             raise StoreError(str(exc)) from exc
+        finally:
+            self._checkin(db, generation)
         if row is None:
             return None
         now = self.clock()
@@ -693,47 +892,10 @@ class SQLiteStore:
         else:
             expires_at = now + ttl_seconds
 
-        def upsert(db: sqlite3.Connection) -> str:
-            row = db.execute(
-                "SELECT created_at, expires_at FROM completions WHERE cache_key = ?", (entry.key,)
-            ).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO completions(cache_key, mode, model, request_json, response_json, "
-                    "created_at, updated_at, last_hit_at, hits, expires_at, namespace) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ?)",
-                    (entry.key, entry.mode, entry.model, entry.request_json, entry.response_json,
-                     now, now, expires_at, namespace),
-                )
-                return "stored"
-            if self.is_expired(row[0], now, row[1]):
-                db.execute(
-                    "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
-                    "created_at = ?, updated_at = ?, last_hit_at = NULL, hits = 0, expires_at = ?, "
-                    "namespace = ? WHERE cache_key = ?",
-                    (entry.mode, entry.model, entry.request_json, entry.response_json, now, now,
-                     expires_at, namespace, entry.key),
-                )
-                return "stored"
-            db.execute(
-                "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
-                "updated_at = ?, expires_at = ?, namespace = ? WHERE cache_key = ?",
-                (entry.mode, entry.model, entry.request_json, entry.response_json, now,
-                 expires_at, namespace, entry.key),
-            )
-            return "updated"
-
-        def upsert_with_savings(db: sqlite3.Connection) -> str:
-            status = upsert(db)
-            db.execute(
-                "UPDATE completions SET prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, "
-                "upstream_seconds = ? WHERE cache_key = ?",
-                (entry.prompt_tokens, entry.completion_tokens, entry.cost_usd, entry.upstream_seconds,
-                 entry.key),
-            )
-            return status
-
-        outcome = self._write(upsert_with_savings)
+        outcome = self._write_queued(_QueuedPut(entry, now, expires_at, namespace))
+        self._bytes_since_checkpoint += len(entry.request_json) + len(entry.response_json)
+        if self._bytes_since_checkpoint > CHECKPOINT_AFTER_BYTES:
+            self._flusher_wake.set()
         if self.max_entries or self.max_bytes:
             self._maintainer_wake.set()  # eviction runs in the background, never here
         return outcome  # type: ignore[return-value]
@@ -875,6 +1037,17 @@ class SQLiteStore:
         With ``busy_timeout_ms`` it gives up sooner while another writer holds the database;
         the counters then wait for the next flush.
         """
+        # One flush at a time: a caller that needs the counters written (eviction ranks entries
+        # by their last hit) must not find the pending batch empty while another flush holds
+        # it, not yet written.
+        if not self._flush_lock.acquire(timeout=-1 if busy_timeout_ms is None else busy_timeout_ms / 1000):
+            return
+        try:
+            self._flush_pending(busy_timeout_ms)
+        finally:
+            self._flush_lock.release()
+
+    def _flush_pending(self, busy_timeout_ms: int | None) -> None:
         with self._lock:
             if not self._pending_hits and not self._pending_requests:
                 return
@@ -906,6 +1079,7 @@ class SQLiteStore:
     def close(self) -> None:
         """Flush pending hits and close this process's connections (graceful shutdown)."""
         self._flusher_stop.set()
+        self._flusher_wake.set()
         self._maintainer_stop.set()
         self._maintainer_wake.set()
         try:
@@ -917,6 +1091,17 @@ class SQLiteStore:
         try:
             with self._lock:
                 connections, self._connections = self._connections, []
+            # Idle pooled connections are nobody's right now: closed here. One in use is
+            # closed by its thread when handed back (the generation no longer matches).
+            with self._pool_lock:
+                idle = self._pool if self._pool_pid == os.getpid() else []
+                self._pool = []
+                self._pool_generation += 1
+            for db in idle:
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
             # Only this thread's connection is closed here. Another thread may be inside a
             # statement on its own (a request still finishing, the flusher): closing a
             # connection under it can crash the interpreter. Dropping our references instead
@@ -944,18 +1129,36 @@ class SQLiteStore:
             return
         self._flusher_pid = pid
         self._flusher_stop = threading.Event()
+        self._flusher_wake = threading.Event()
         thread = threading.Thread(
-            target=self._flush_forever, args=(self._flusher_stop,), name="cache-hit-flusher",
-            daemon=True,
+            target=self._flush_forever, args=(self._flusher_stop, self._flusher_wake),
+            name="cache-hit-flusher", daemon=True,
         )
         thread.start()
 
-    def _flush_forever(self, stop: threading.Event) -> None:
-        while not stop.wait(self.hit_flush_seconds):
+    def _flush_forever(self, stop: threading.Event, wake: threading.Event) -> None:
+        while True:
+            wake.wait(self.hit_flush_seconds)  # a flush period, or woken early by many stores
+            wake.clear()
+            if stop.is_set():
+                return
             try:
                 self.flush()
             except Exception:  # keep flushing whatever one batch did
                 log.exception("hit counter flush failed")
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log back into the database, off the request path.
+
+        PASSIVE never waits for readers or writers (stores go on meanwhile), so it runs outside
+        the write lock; another process's checkpoint in progress just makes this one a no-op.
+        """
+        self._bytes_since_checkpoint = 0
+        try:
+            self._db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except (sqlite3.Error, StoreError) as exc:
+            log.debug("background checkpoint skipped: %s", exc)
 
 
     # -- bounds, expiry and space: the background maintainer ---------------------------------

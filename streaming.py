@@ -16,6 +16,7 @@ from typing import Any, Iterator
 DONE_EVENT = b"data: [DONE]\n\n"
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_DECODER = json.JSONDecoder()
 
 # Top-level completion fields that are not repeated on every chunk: the rest (id, created, model,
 # system_fingerprint, service_tier, provider, ...) are. ``obfuscation`` is OpenAI's per-chunk padding.
@@ -439,15 +440,22 @@ class StreamCapture:
 
     def _accept(self, event: bytes) -> bytes | bool | None:
         """Record one event; True: relay as is, bytes: relay these instead, None: drop it."""
-        data_lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
-        if not data_lines:
-            return True  # comments, event names, retry hints
-        data = b"\n".join(data_lines)
+        if event.startswith(b"data:") and b"\n" not in event and b"\r" not in event:
+            data = event[5:].lstrip(b" ")  # the usual event: one data line (this runs per event)
+        else:
+            data_lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+            if not data_lines:
+                return True  # comments, event names, retry hints
+            data = b"\n".join(data_lines)
         if data.strip() == b"[DONE]":
             self.done = True
             return True
         try:
-            chunk = json.loads(data)
+            # What json.loads does with bytes that open an object (UTF-8), minus its detection.
+            if data[:1] == b"{" and data[1:2] != b"\x00":
+                chunk = _DECODER.decode(data.decode("utf-8", "surrogatepass"))
+            else:
+                chunk = json.loads(data)
         except ValueError:
             self.failed = True
             return True

@@ -1,12 +1,16 @@
 """The client for the OpenAI-compatible upstream: headers, one deadline per call, no redirects.
 
-One ``requests.Session`` per thread keeps connections to the upstream alive across requests.
+One ``requests`` HTTPAdapter per process, shared by all its threads (urllib3's pool is
+thread-safe), keeps connections to the upstream alive and hands them from thread to thread.
+Requests are built directly as a ``PreparedRequest``: ``Session.request`` would merge settings,
+cookies and hooks on every call, which costs more than the rest of the call on a fast upstream.
 ``UPSTREAM_TIMEOUT_SECONDS`` is a deadline for the whole call: a server that trickles bytes or
 stalls mid-body is cut off when it passes, not merely when one read is slow.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -14,6 +18,9 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import requests
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from requests.utils import default_headers
 from urllib3.util import Timeout
 
 from config import Settings
@@ -99,14 +106,76 @@ class UpstreamStream:
         self._response.close()
 
 
-def _set_read_timeout(response: requests.Response, seconds: float) -> None:
+def _socket(response: requests.Response):
     connection = getattr(response.raw, "connection", None) or getattr(response.raw, "_connection", None)
-    sock = getattr(connection, "sock", None)
+    return getattr(connection, "sock", None)
+
+
+def _set_read_timeout(response: requests.Response, seconds: float) -> None:
+    sock = _socket(response)
     if sock is not None:
         sock.settimeout(max(seconds, 0.001))
 
 
+def _next_read_is_ready(response: requests.Response) -> bool:
+    """True when the next ``read1`` returns body bytes that have already arrived, without
+    waiting on the network; False when unsure (the caller then relays what it has).
+
+    Looks at what http.client has buffered (a peek on the socket made non-blocking for the
+    moment, so it never waits) and at its chunked-encoding state: a read must not start on a
+    chunk whose size line, or whose first byte, is still on its way.
+    """
+    http_response = getattr(response.raw, "_fp", None)
+    buffer = getattr(http_response, "fp", None)
+    sock = _socket(response)
+    if buffer is None or sock is None or not hasattr(buffer, "peek"):
+        return False
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        data = buffer.peek(1)
+    except (OSError, ValueError):  # nothing buffered (TLS says "want read"), or closed
+        return False
+    finally:
+        sock.settimeout(timeout)
+    if not data:
+        return False
+    if not getattr(http_response, "chunked", False):
+        return True
+    left = getattr(http_response, "chunk_left", None)
+    if left:
+        return True  # inside a chunk: its buffered bytes come back at once
+    view = data[2:] if left == 0 else data  # the CRLF that ends the previous chunk goes first
+    end = view.find(b"\n")
+    if end < 0 or end + 1 >= len(view):
+        return False
+    try:
+        size = int(view[:end].split(b";", 1)[0], 16)
+    except ValueError:
+        return False
+    return size > 0  # the last chunk (size 0) is left to the next, ordinary read
+
+
+def _with_ready_pieces(response: requests.Response, piece: bytes) -> bytes:
+    """``piece`` plus whatever more of the body has already arrived.
+
+    A provider often sends several events at once, each in an HTTP chunk of its own; relaying
+    them together costs one write to the client instead of one per event, and nothing waits.
+    """
+    pieces = [piece]
+    size = len(piece)
+    while size < _READ_SIZE and _next_read_is_ready(response):
+        more = response.raw.read1(_READ_SIZE - size, decode_content=True)
+        if not more:
+            break
+        pieces.append(more)
+        size += len(more)
+    return piece if len(pieces) == 1 else b"".join(pieces)
+
+
 def _read_pieces(response: requests.Response, deadline: float) -> Iterator[bytes]:
+    # With a content encoding (gzip) a read may wait for more input to decode: read plainly.
+    encoded = response.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -116,7 +185,7 @@ def _read_pieces(response: requests.Response, deadline: float) -> Iterator[bytes
             piece = response.raw.read1(_READ_SIZE, decode_content=True)
             if not piece:
                 return
-            yield piece
+            yield piece if encoded else _with_ready_pieces(response, piece)
     except (UpstreamFailed, GeneratorExit):
         raise
     except requests.exceptions.Timeout as exc:  # pragma: no cover - urllib3 wraps it below
@@ -134,15 +203,60 @@ class UpstreamClient:
         self.timeout = settings.upstream_timeout_seconds
         self.referer = settings.openrouter_http_referer
         self.title = settings.openrouter_x_title
+        # Room for every thread of a worker to hold a connection: a smaller pool would close
+        # (and log) each connection it cannot take back after a burst.
+        self.pool_size = max(10, settings.gunicorn_threads)
+        # total: connecting and waiting for the headers share one deadline; the body reads get
+        # whatever is left of it. urllib3 clones it per call, so one instance serves all.
+        self._timeout = Timeout(connect=min(self.timeout, 30.0), read=self.timeout, total=self.timeout)
+        # The headers a requests.Session would send (in its order), before ours are added.
+        self._base_headers = tuple(default_headers().items())
+        self._urls: dict[str, str] = {}
+        self._adapter: HTTPAdapter | None = None
+        self._adapter_pid: int | None = None
+        self._adapter_lock = threading.Lock()
         self._local = threading.local()
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.trust_env = False  # the upstream is configured here, not by proxy env vars
-            self._local.session = session
-        return session
+    def _transport(self) -> HTTPAdapter:
+        """This process's adapter, made on first use: never one inherited across fork, whose
+        sockets the parent still uses."""
+        pid = os.getpid()
+        if self._adapter_pid != pid:
+            with self._adapter_lock:
+                if self._adapter_pid != pid:
+                    # max_retries=0, pool_block=False: what a requests.Session mounts by default.
+                    self._adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_size,
+                                                max_retries=0, pool_block=False)
+                    self._adapter_pid = pid
+        return self._adapter  # type: ignore[return-value]
+
+    def _url(self, path: str) -> str:
+        """The full URL for path, normalised as requests would, once per path (a fixed few)."""
+        url = self._urls.get(path)
+        if url is None:
+            prepared = requests.PreparedRequest()
+            prepared.prepare_url(self.base_url + path, None)
+            url = self._urls[path] = prepared.url  # type: ignore[assignment]
+        return url
+
+    def _prepared(self, method: str, path: str, client_headers: Mapping[str, str],
+                  body: bytes | None) -> requests.PreparedRequest:
+        """The request a Session would send for (method, url, data=body, headers): same URL,
+        same headers in the same order, same Content-Length."""
+        headers = CaseInsensitiveDict(self._base_headers)
+        headers.update(self.headers_for(client_headers))
+        if body:
+            headers["Content-Length"] = str(len(body))
+        else:
+            body = None
+            if method not in ("GET", "HEAD"):
+                headers["Content-Length"] = "0"
+        prepared = requests.PreparedRequest()
+        prepared.method = method
+        prepared.url = self._url(path)
+        prepared.headers = headers
+        prepared.body = body
+        return prepared
 
     def headers_for(self, client_headers: Mapping[str, str]) -> dict[str, str]:
         """The original's upstream headers: our key or the client's, plus OpenRouter attribution."""
@@ -172,12 +286,11 @@ class UpstreamClient:
         started = time.monotonic()
         deadline = started + self.timeout
         try:
-            response = self._session().request(
-                method, self.base_url + path, data=body, headers=self.headers_for(client_headers),
-                stream=True, allow_redirects=False,
-                # total: connecting and waiting for the headers share one deadline; the body
-                # reads below get whatever is left of it.
-                timeout=Timeout(connect=min(self.timeout, 30.0), read=self.timeout, total=self.timeout),
+            # The adapter never follows redirects; proxies={} as trust_env=False would give:
+            # the upstream is configured here, not by proxy environment variables.
+            response = self._transport().send(
+                self._prepared(method, path, client_headers, body), stream=True,
+                timeout=self._timeout, verify=True, cert=None, proxies={},
             )
         except requests.exceptions.ConnectTimeout as exc:
             raise UpstreamTimeout(f"Could not connect to the upstream in time: {_reason(exc)}") from exc

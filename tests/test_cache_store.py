@@ -7,11 +7,14 @@ A future backend's tests subclass ``StoreContract`` and override the ``make_stor
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import threading
+import time
 
 import pytest
 
-from cache_store import MIGRATIONS, NewEntry, SQLiteStore
+from cache_store import MIGRATIONS, NewEntry, SQLiteStore, StoreError
 from helpers import FakeClock
 
 
@@ -198,3 +201,264 @@ def test_sqlite_store__unopenable_path_raises_store_error(tmp_path):
     store = SQLiteStore(str(blocker / "sub" / "c.sqlite3"), hit_flush_seconds=0)
     with pytest.raises(StoreError):
         store.get("k")
+
+
+def _completions_writes(statements: list[str]) -> set[str]:
+    """The distinct statements that wrote the completions table (the trace repeats a statement
+    once for each statement its triggers run)."""
+    return {sql for sql in statements
+            if sql.lstrip().upper().startswith(("INSERT INTO COMPLETIONS", "UPDATE COMPLETIONS"))}
+
+
+def _savings_entry(key: str, prompt_tokens: int) -> NewEntry:
+    return NewEntry(key, "chat", "m", "{}", '{"id":"x","choices":[1]}', prompt_tokens=prompt_tokens,
+                    completion_tokens=2 * prompt_tokens, cost_usd=0.5, upstream_seconds=1.25)
+
+
+@pytest.mark.parametrize("case", ["new", "live", "expired"])
+def test_sqlite_store__put_writes_the_row_once_with_its_savings(tmp_path, case):
+    """One row write per store: a second UPDATE for the savings would rewrite a 400 KB row again."""
+    clock = FakeClock()
+    statements: list[str] = []
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), ttl_seconds=100, clock=clock, hit_flush_seconds=0,
+                        on_write=lambda db: db.set_trace_callback(statements.append))
+    if case != "new":
+        store.put(_savings_entry("k", 1))
+        clock.advance(101 if case == "expired" else 10)
+    statements.clear()
+    status = store.put(_savings_entry("k", 7))
+    assert status == ("updated" if case == "live" else "stored")
+    writes = _completions_writes(statements)
+    assert len(writes) == 1, writes
+    top = store.top_entries(1)[0]
+    assert (top.prompt_tokens, top.completion_tokens, top.cost_usd, top.upstream_seconds) == (7, 14, 0.5, 1.25)
+    store.close()
+
+
+def test_sqlite_store__savings_count_per_hit_after_a_re_store(tmp_path):
+    clock = FakeClock()
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), clock=clock, hit_flush_seconds=0)
+    store.put(_savings_entry("k", 3))
+    store.put(_savings_entry("k", 5))  # live: "updated", the latest answer's savings count
+    store.record_hit("k")
+    store.record_hit("k")
+    stats = store.stats()
+    assert stats["tokens_saved"]["prompt"] == 10 and stats["tokens_saved"]["completion"] == 20
+    assert stats["entries"] == 1 and stats["hits_served"] == 2
+    store.close()
+
+
+def test_sqlite_store__threads_share_pooled_connections(tmp_path):
+    """Opening a connection reads the whole schema: threads take turns on pooled ones instead."""
+    writers: list[int] = []
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0,
+                        on_write=lambda db: writers.append(id(db)))
+    for number in range(8):  # one after another, each in a thread of its own
+        thread = threading.Thread(target=lambda n=number: (store.get(f"k{n}"), store.put(entry(f"k{n}"))))
+        thread.start()
+        thread.join()
+    assert all(store.get(f"k{n}") is not None for n in range(8))
+    assert len(set(writers)) == 1
+    assert len(store._connections) == 1
+    store.close()
+
+
+def test_sqlite_store__concurrent_threads_read_and_write_safely(tmp_path):
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0)
+    barrier = threading.Barrier(16)
+    results: dict[int, str] = {}
+
+    def work(n: int) -> None:
+        barrier.wait()
+        results[n] = store.put(entry(f"k{n}"))
+        assert store.get(f"k{n}").key == f"k{n}"
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {n: "stored" for n in range(16)}
+    assert store.stats()["entries"] == 16
+    store.close()
+
+
+def test_sqlite_store__usable_again_after_close(tmp_path):
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0)
+    store.put(entry("a"))
+    store.close()
+    assert store.get("a") is not None
+    assert store.put(entry("b")) == "stored"
+    store.close()
+
+
+def test_sqlite_store__a_forked_child_opens_connections_of_its_own(tmp_path):
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0)
+    store.put(entry("parent"))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            inherited = set(map(id, store._pool))
+            ok = store.get("parent") is not None and store.put(entry("child")) == "stored"
+            own = not inherited & set(map(id, store._pool))
+            os.write(write_end, b"ok" if ok and own else b"bad")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 8) == b"ok"
+    os.close(read_end)
+    assert store.get("child") is not None
+    assert store.put(entry("parent")) == "updated"
+    store.close()
+
+
+def test_sqlite_store__a_flush_waits_for_the_one_in_progress(tmp_path):
+    """Eviction flushes to rank entries by their last hit: it must not find the pending hits
+    taken by the background flush and not yet written."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(db):
+        if threading.current_thread().name == "first-flush":
+            entered.set()
+            release.wait(5)
+
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0,
+                        on_write=hook)
+    store.put(entry("k"))
+    store.record_hit("k")
+    first = threading.Thread(target=store.flush, name="first-flush")
+    first.start()
+    assert entered.wait(5)
+    second = threading.Thread(target=store.flush)
+    second.start()
+    second.join(0.2)
+    assert second.is_alive()
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert store.get("k").hits == 1
+    store.close()
+
+
+def test_sqlite_store__many_stored_bytes_wake_the_background_checkpoint(tmp_path, monkeypatch):
+    """Checkpoints run in the flusher, not in the COMMIT of whichever request crosses SQLite's
+    threshold while every other store waits for the write lock."""
+    import cache_store
+
+    monkeypatch.setattr(cache_store, "CHECKPOINT_AFTER_BYTES", 10_000)
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=60, maintenance_seconds=0)
+    checkpointed = threading.Event()
+    checkpoint = store.checkpoint
+    store.checkpoint = lambda: (checkpoint(), checkpointed.set())
+    store.put(NewEntry("big", "chat", "m", "x" * 20_000, "{}"))
+    assert checkpointed.wait(5)  # long before the 60 s flush period
+    db = sqlite3.connect(tmp_path / "c.sqlite3")
+    busy, frames, backfilled = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert frames == backfilled
+    db.close()
+    store.close()
+
+
+def _queue_behind_a_held_write(store: SQLiteStore, entries: list[NewEntry], hold: threading.Event,
+                               results: dict) -> list[threading.Thread]:
+    """Start one store per entry while the first transaction is held inside its on_write hook."""
+    def put(item: NewEntry) -> None:
+        try:
+            results[item.key] = store.put(item)
+        except Exception as exc:  # the test looks at which store failed, and how
+            results[item.key] = exc
+
+    threads = [threading.Thread(target=put, args=(item,)) for item in entries]
+    threads[0].start()
+    assert hold.wait(5)
+    for thread in threads[1:]:
+        thread.start()
+    time.sleep(0.3)  # the others queue behind the held write lock
+    return threads
+
+
+def _holding_hook(transactions: list, entered: threading.Event, release: threading.Event):
+    def hook(db):
+        transactions.append(db)
+        if len(transactions) == 1:
+            entered.set()
+            release.wait(5)
+    return hook
+
+
+def test_sqlite_store__concurrent_stores_share_one_transaction(tmp_path):
+    transactions: list = []
+    entered, release = threading.Event(), threading.Event()
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0,
+                        on_write=_holding_hook(transactions, entered, release))
+    results: dict = {}
+    threads = _queue_behind_a_held_write(store, [entry(f"k{n}") for n in range(10)], entered, results)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert len(transactions) == 2  # the first store alone, then the nine queued behind it
+    assert results == {f"k{n}": "stored" for n in range(10)}
+    assert store.stats()["entries"] == 10
+    store.close()
+
+
+def test_sqlite_store__a_failing_store_in_a_batch_fails_alone(tmp_path):
+    transactions: list = []
+    entered, release = threading.Event(), threading.Event()
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0,
+                        on_write=_holding_hook(transactions, entered, release))
+    results: dict = {}
+    bad = NewEntry("bad", "chat", {"not": "bindable"}, "{}", "{}")  # type: ignore[arg-type]
+    threads = _queue_behind_a_held_write(store, [entry("first"), entry("a"), bad, entry("b")], entered, results)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert (results["first"], results["a"], results["b"]) == ("stored", "stored", "stored")
+    assert isinstance(results["bad"], StoreError)
+    assert store.get("bad") is None and store.stats()["entries"] == 3
+    store.close()
+
+
+def test_sqlite_store__a_batch_gives_each_store_what_it_would_get_alone(tmp_path):
+    """New, live and expired keys, and one key twice, in one transaction: outcomes, rows and
+    running totals as if each store had been written on its own, in queue order."""
+    clock = FakeClock()
+    transactions: list = []
+    entered, release = threading.Event(), threading.Event()
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), ttl_seconds=100, clock=clock, hit_flush_seconds=0,
+                        maintenance_seconds=0)
+    store.put(entry("expired"))
+    clock.advance(60)
+    store.put(entry("live"))
+    clock.advance(45)  # TTL 100: "live" is 45 s old, "expired" 105 s old
+    store.on_write = _holding_hook(transactions, entered, release)
+    batch = [entry("first"), entry("new", {"id": "one", "choices": [1]}), entry("live"), entry("expired"),
+             entry("new", {"id": "two", "choices": [1]})]
+    outcomes: dict[int, str] = {}
+
+    def put(position: int) -> None:
+        outcomes[position] = store.put(batch[position])
+
+    threads = [threading.Thread(target=put, args=(position,)) for position in range(len(batch))]
+    threads[0].start()
+    assert entered.wait(5)
+    for thread in threads[1:]:
+        thread.start()
+        time.sleep(0.05)  # queue in this order
+    time.sleep(0.2)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert len(transactions) == 2
+    assert outcomes == {0: "stored", 1: "stored", 2: "updated", 3: "stored", 4: "updated"}
+    assert json.loads(store.get("new").response_json)["id"] == "two"
+    assert store.get("expired").created_at == clock.now
+    stats = store.stats()
+    db = sqlite3.connect(tmp_path / "c.sqlite3")
+    (count, size), = db.execute("SELECT count(*), sum(length(CAST(request_json AS BLOB)) "
+                                "+ length(CAST(response_json AS BLOB))) FROM completions")
+    db.close()
+    assert (stats["entries"], stats["stored_bytes"]) == (count, size) == (4, size)
+    store.close()

@@ -1,0 +1,61 @@
+"""StreamCapture reads each event's data the same way whatever its shape (one line, several, no
+space after the colon, non-ASCII text): same relayed bytes, same assembled completion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streaming import StreamCapture
+
+HEADER = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+CHUNKS = [
+    {**HEADER, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+     "usage": None},
+    {**HEADER, "choices": [{"index": 0, "delta": {"content": "grüße 👋 "}, "finish_reason": None}], "usage": None},
+    {**HEADER, "choices": [{"index": 0, "delta": {"content": "done"}, "finish_reason": "stop"}], "usage": None},
+    {**HEADER, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}},
+]
+
+
+def _frames(shape: str) -> list[bytes]:
+    frames = []
+    for chunk in CHUNKS:
+        text = json.dumps(chunk, ensure_ascii=False)
+        if shape == "one line":
+            frames.append(f"data: {text}\n\n".encode())
+        elif shape == "no space":
+            frames.append(f"data:{text}\n\n".encode())
+        elif shape == "split over lines":
+            middle = text.index(",") + 1  # between two members: the joining newline is whitespace
+            frames.append(f"data: {text[:middle]}\ndata: {text[middle:]}\n\n".encode())
+        else:  # with an event name before the data
+            frames.append(f"event: chunk\ndata: {text}\n\n".encode())
+    return frames + [b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("shape", ["one line", "no space", "split over lines", "named event"])
+@pytest.mark.parametrize("drop_usage", [False, True])
+def test_capture__every_event_shape_assembles_the_same_completion(shape, drop_usage):
+    capture = StreamCapture("chat", drop_usage_chunk=drop_usage)
+    relayed = b"".join(capture.feed(frame) for frame in _frames(shape)) + capture.finish()
+    completion = capture.completion()
+    assert completion is not None
+    assert completion["choices"][0]["message"]["content"] == "grüße 👋 done"
+    assert completion["usage"]["total_tokens"] == 5
+    if drop_usage:  # re-encoded without usage; the usage-only chunk is dropped
+        expected = b"".join(
+            b"data: " + json.dumps({k: v for k, v in chunk.items() if k != "usage"}, ensure_ascii=False,
+                                   separators=(",", ":")).encode() + b"\n\n"
+            for chunk in CHUNKS[:3]) + b"data: [DONE]\n\n"
+    else:  # relayed verbatim
+        expected = b"".join(_frames(shape))
+    assert relayed == expected
+
+
+def test_capture__data_that_is_not_utf8_fails_the_capture_but_is_relayed():
+    capture = StreamCapture("chat")
+    frame = b'data: {"id": "\xff"}\n\n'
+    assert capture.feed(frame) == frame
+    assert capture.failed
