@@ -9,9 +9,10 @@ Two kinds of evidence are searched for in the canonical request text:
 
 The scan runs on the request path of every cacheable request, and computer-use requests carry
 hundreds of kilobytes of base64 screenshots. So the payloads of base64 ``data:`` URLs are skipped
-(found with ``str.find``, not a regex), and each token pattern is only tried, anchored, where its
-literal prefix occurs. Every token must stand on its own (no letter, digit, ``_`` or ``-`` right
-before or after it), so a run of base64 or an identifier such as ``sk-learn`` is not a key.
+(found with ``str.find`` and measured with one C pass over bytes, not a regex), and each
+pattern, the labelled one included, is only tried, anchored, where its literal prefix occurs.
+Every token must stand on its own (no letter, digit, ``_`` or ``-`` right before or after it),
+so a run of base64 or an identifier such as ``sk-learn`` is not a key.
 """
 
 from __future__ import annotations
@@ -101,21 +102,36 @@ TOKEN_KINDS: tuple[TokenKind, ...] = (
 
 _BASE64_MARKER = ";base64,"
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]*")
+_BASE64_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
 def without_base64_data(text: str) -> str:
     """The text with the payload of every base64 data: URL (screenshots) left out.
 
-    Each payload becomes one space, so the text on either side cannot join into a token.
+    A payload is the whole run of base64 characters after ``;base64,``; each becomes one space,
+    so the text on either side cannot join into a token.
     """
     start = text.find(_BASE64_MARKER)
     if start < 0:
         return text
     pieces = []
     kept_from = 0
+    checked_to = 0  # text before this has already failed the quick check below
     while start >= 0:
         payload_start = start + len(_BASE64_MARKER)
-        payload_end = _BASE64_RUN.match(text, payload_start).end()
+        payload_end = -1
+        if payload_start >= checked_to:
+            # A screenshot's payload runs to the quote that ends its JSON string: when everything
+            # up to the next quote is base64, the run ends there. Checking that is one C pass
+            # over bytes, several times faster than a regex walking the run character by
+            # character. A piece that fails is never checked again, so this stays linear.
+            quote = text.find('"', payload_start)
+            checked_to = len(text) if quote < 0 else quote
+            piece = text[payload_start:checked_to]
+            if piece.isascii() and not piece.encode("ascii").translate(None, _BASE64_BYTES):
+                payload_end = checked_to
+        if payload_end < 0:
+            payload_end = _BASE64_RUN.match(text, payload_start).end()
         pieces.append(text[kept_from:payload_start])
         kept_from = payload_end
         start = text.find(_BASE64_MARKER, payload_end)
@@ -123,11 +139,25 @@ def without_base64_data(text: str) -> str:
     return " ".join(pieces)
 
 
+# Every label the pattern knows starts with one of these: a match can only begin where one occurs.
+_LABEL_STARTS = ("api", "secret", "passw", "access", "refresh", "private")
+
+
 def labelled_credential(text: str) -> bool:
     """The original server's check (CREDENTIAL_PATTERN), also across a JSON-escaped quote."""
     if any(char in text for char in _FOLDS_UNLIKE_LOWER):
         return _LABEL_PATTERN_ANY_CASE.search(text) is not None
-    return _LABEL_PATTERN.search(text.lower()) is not None
+    lowered = text.lower()
+    # The pattern tried only where a label starts (found with str.find), not at every a, p, r
+    # and s of the text as a regex search does.
+    match = _LABEL_PATTERN.match
+    for label in _LABEL_STARTS:
+        position = lowered.find(label)
+        while position >= 0:
+            if match(lowered, position) is not None:
+                return True
+            position = lowered.find(label, position + 1)
+    return False
 
 
 def find_secret_kind(text: str) -> str | None:
