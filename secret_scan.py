@@ -109,7 +109,8 @@ def without_base64_data(text: str) -> str:
     """The text with the payload of every base64 data: URL (screenshots) left out.
 
     A payload is the whole run of base64 characters after ``;base64,``; each becomes one space,
-    so the text on either side cannot join into a token.
+    so the text on either side cannot join into a token. A run that could hold the start of a
+    credential (see ``_opaque_payload``) is kept and scanned like any other text.
     """
     start = text.find(_BASE64_MARKER)
     if start < 0:
@@ -132,11 +133,43 @@ def without_base64_data(text: str) -> str:
                 payload_end = checked_to
         if payload_end < 0:
             payload_end = _BASE64_RUN.match(text, payload_start).end()
-        pieces.append(text[kept_from:payload_start])
-        kept_from = payload_end
+        if _opaque_payload(text, payload_start, payload_end):
+            pieces.append(text[kept_from:payload_start])
+            kept_from = payload_end
         start = text.find(_BASE64_MARKER, payload_end)
+    if not pieces:
+        return text
     pieces.append(text[kept_from:])
     return " ".join(pieces)
+
+
+# What of each token prefix can stand in a base64 run ("sk" of "sk-", "ghp" of "ghp_").
+_TOKEN_STEMS = tuple(sorted({_BASE64_RUN.match(prefix).group() for kind in TOKEN_KINDS
+                             for prefix in kind.prefixes} - {""}))
+_LONGEST_LABEL_IN_A_RUN = 12  # refreshtoken ("_" and "-" are not base64: they end a run)
+_PADDING = 2
+
+
+def _opaque_payload(text: str, start: int, end: int) -> bool:
+    """May the base64 run text[start:end] be left out of the scan without losing a credential?
+
+    Text on either side survives the cut, and any labelled value reaching into the run keeps
+    ``;base64,`` (8 characters, enough for a value) before the space that replaces it. Only a
+    match starting inside the run could be lost. A labelled one needs ":", "=" or a space after
+    its label, and of these only "=" is a base64 character: so the label ends at the run's end
+    or at an "=" inside it, which in base64 data is padding (its last two characters). The run
+    is kept when an "=" stands anywhere else, or a label starts in its last characters; and when
+    it begins like a token (a key pasted right after the marker). A random payload is kept
+    about once in a thousand (mostly for an "api" in its last 14 characters), and then costs
+    one scan of its text; PNG and JPEG payloads never begin like a token.
+    """
+    if text.startswith(_TOKEN_STEMS, start):
+        return False
+    padding = text.find("=", start, end)
+    if 0 <= padding < end - _PADDING:
+        return False
+    tail = text[max(start, end - _PADDING - _LONGEST_LABEL_IN_A_RUN):end].lower()
+    return not any(label in tail for label in _LABEL_STARTS)
 
 
 # Every label the pattern knows starts with one of these: a match can only begin where one occurs.

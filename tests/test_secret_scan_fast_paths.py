@@ -28,8 +28,9 @@ def _reference_without_base64_data(text: str) -> str:
     while start >= 0:
         payload_start = start + len(";base64,")
         payload_end = re.compile(r"[A-Za-z0-9+/=]*").match(text, payload_start).end()
-        pieces.append(text[kept_from:payload_start])
-        kept_from = payload_end
+        if secret_scan._opaque_payload(text, payload_start, payload_end):
+            pieces.append(text[kept_from:payload_start])
+            kept_from = payload_end
         start = text.find(";base64,", payload_end)
     if not pieces:
         return text
