@@ -98,13 +98,16 @@ def hash_canonical(canonical: str, partition: str | None = None, namespace: str 
     no request body can produce another namespace's or partition's key, nor an unprefixed one,
     and keys with neither stay the original's, byte for byte.
     """
-    text = canonical
-    if namespace is not None:
-        text = f"namespace:{namespace}\x00{text}"
+    prefix = ""
     if partition is not None:
-        text = f"partition {partition}\n{text}"
+        prefix = f"partition {partition}\n"
+    if namespace is not None:
+        prefix += f"namespace:{namespace}\x00"
+    # The prefix is hashed ahead of the text, not joined to it: no copy of a 400 KB text.
+    digest = hashlib.sha256(prefix.encode("utf-8", "surrogatepass"))
     # surrogatepass: JSON may carry lone surrogates ("\ud800"); they must hash, not crash.
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    digest.update(canonical.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def switch_value(value: Any) -> bool:

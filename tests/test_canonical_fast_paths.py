@@ -95,6 +95,20 @@ def test_decide__screenshot_body_key_and_verdict_match_the_original():
     assert decision.read and decision.write
 
 
+@pytest.mark.parametrize("partition", [None, "ab" * 32])
+@pytest.mark.parametrize("namespace", [None, "team-a", "x:y@z"])
+@pytest.mark.parametrize("canonical", ['{"a":1}', '{"a":"東京 \ud800"}'])
+def test_hash_canonical__prefixes_hashed_ahead_equal_the_joined_text(partition, namespace, canonical):
+    text = canonical
+    if namespace is not None:
+        text = f"namespace:{namespace}\x00{text}"
+    if partition is not None:
+        text = f"partition {partition}\n{text}"
+
+    assert hash_canonical(canonical, partition, namespace) == \
+        hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def test_canonical_payload__unchanged_by_collecting_clean_strings():
     body = chat_body("data:image/png;base64," + _B64)
     payload = canonical_payload("chat", body, frozenset())
