@@ -229,6 +229,20 @@ def labelled_credential(text: str) -> bool:
     return False
 
 
+# Characters from rarest to most common in ordinary prompts (English prose, code, JSON).
+_RARITY = "_-JQZXKVWYUOGHBFMPLDCRNSTIAEzqxjkvbpygfwmucldrhsnioate "
+
+
+def _gate(prefix: str) -> str:
+    """The character of prefix least likely in ordinary text: "_" of "ghp_", "J" of "eyJ"."""
+    return min(prefix, key=lambda char: _RARITY.find(char) % (len(_RARITY) + 1))
+
+
+# Per kind, the gate of each prefix: when it is not in the text, neither is the prefix.
+_KIND_GATES = tuple(tuple(_gate(prefix) for prefix in kind.prefixes) for kind in TOKEN_KINDS)
+_ALL_GATES = frozenset(gate for gates in _KIND_GATES for gate in gates)
+
+
 def find_secret_kind(text: str, clean_strings: Sequence[str] = ()) -> str | None:
     """The kind of the first credential found in text ("JWT", "labelled credential", ...).
 
@@ -238,8 +252,11 @@ def find_secret_kind(text: str, clean_strings: Sequence[str] = ()) -> str | None
     text = without_base64_data(text, clean_strings)
     if labelled_credential(text):
         return "labelled credential"
-    for kind in TOKEN_KINDS:
-        for prefix in kind.prefixes:
+    present = {gate for gate in _ALL_GATES if gate in text}
+    for kind, gates in zip(TOKEN_KINDS, _KIND_GATES):
+        for prefix, gate in zip(kind.prefixes, gates):
+            if gate not in present:
+                continue  # the prefix cannot occur: one memchr spared a substring search
             position = text.find(prefix)
             while position >= 0:
                 match = kind.pattern.match(text, position)

@@ -3,7 +3,8 @@
 * ``without_base64_data`` ends a payload at the next quote when everything up to it is base64,
   instead of walking the run with a regex;
 * ``labelled_credential`` tries the label pattern only where a label starts, instead of a
-  regex search from every position.
+  regex search from every position;
+* ``find_secret_kind`` looks for a token prefix only when its rarest character is in the text.
 """
 
 from __future__ import annotations
@@ -107,3 +108,37 @@ def test_without_base64_data__many_markers_in_one_long_string_stay_linear():
     assert stripped == _reference_without_base64_data(text)
     # ~0.1 s; checking each marker's rest of the string again would take ~10 s.
     assert seconds < 2.0, f"took {seconds:.1f} s"
+
+
+def _reference_find_secret_kind(text: str) -> str | None:
+    """Every prefix of every kind searched for, as the scan did before it looked at gates."""
+    text = without_base64_data(text)
+    if labelled_credential(text):
+        return "labelled credential"
+    for kind in secret_scan.TOKEN_KINDS:
+        for prefix in kind.prefixes:
+            position = text.find(prefix)
+            while position >= 0:
+                match = kind.pattern.match(text, position)
+                if match is not None and kind.looks_random(match.group(match.lastindex or 0)):
+                    return kind.name
+                position = text.find(prefix, position + 1)
+    return None
+
+
+_TOKEN_PIECES = st.sampled_from([
+    "sk-", "AKIA", "ASIA", "ghp_", "gho_", "github_pat_", "xoxb-", "xoxp-", "AIza", "sk_live_",
+    "rk_live_", "eyJ", ".", "Bearer ", "bearer ", "BEARER ", "-----BEGIN ", "RSA ", "PRIVATE KEY-----",
+    "\n", " ", "_", "-", "A1b2C3d4E5f6G7h8", "0123456789ABCDEF", "zzzzzzzzzzzzzzzzzzzz", "é",
+    # whole tokens of each kind, so that every kind is found now and then
+    "sk-proj-A1b2C3d4E5f6G7h8I9j0", "AKIA0123456789ABCDEF", "ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6",
+    "github_pat_A1b2C3d4E5f6G7h8I9j0K1", "xoxb-123456789012-A1b2C3d4", "sk_live_A1b2C3d4E5f6G7h8",
+    "AIzaA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.A1b2C3d4E5f6G7h8",
+    "Bearer A1b2C3d4E5f6G7h8I9", "-----BEGIN PRIVATE KEY-----\n" + "A1b2C3d4E5" * 5,
+])
+
+
+@given(st.lists(_TOKEN_PIECES, max_size=16).map("".join))
+@hypothesis_settings(max_examples=1500, deadline=None)
+def test_find_secret_kind__same_kind_as_searching_every_prefix(text):
+    assert find_secret_kind(text) == _reference_find_secret_kind(text)
