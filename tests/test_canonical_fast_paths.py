@@ -114,3 +114,14 @@ def test_canonical_payload__unchanged_by_collecting_clean_strings():
     payload = canonical_payload("chat", body, frozenset())
 
     assert canonical_json(payload, []) == canonical_json(payload) == plain_canonical(payload)
+
+
+@given(_VALUES)
+@hypothesis_settings(max_examples=500, deadline=None)
+def test_forwarded_json__equals_json_dumps(value):
+    assert cache_policy.forwarded_json(value) == json.dumps(value, ensure_ascii=False)
+
+
+@pytest.mark.parametrize("value", [{"a": float("nan"), "b": [1.5, -0.0, 10**30]}, "x" * 300, 'é"\\', None, 3])
+def test_forwarded_json__equals_json_dumps_for_numbers_and_lone_values(value):
+    assert cache_policy.forwarded_json(value) == json.dumps(value, ensure_ascii=False)
