@@ -125,3 +125,12 @@ def test_forwarded_json__equals_json_dumps(value):
 @pytest.mark.parametrize("value", [{"a": float("nan"), "b": [1.5, -0.0, 10**30]}, "x" * 300, 'é"\\', None, 3])
 def test_forwarded_json__equals_json_dumps_for_numbers_and_lone_values(value):
     assert cache_policy.forwarded_json(value) == json.dumps(value, ensure_ascii=False)
+
+
+@pytest.mark.parametrize("length", [0, 1, cache_policy._HASH_SLICE - 1, cache_policy._HASH_SLICE,
+                                    cache_policy._HASH_SLICE + 1, 3 * cache_policy._HASH_SLICE + 7])
+@pytest.mark.parametrize("filler", ["a", "é", "東", "🚀", "\ud800", "a\udfff"])
+def test_hash_canonical__hashed_in_slices_equals_the_whole_text(length, filler):
+    canonical = (filler * length)[:length]
+
+    assert hash_canonical(canonical) == hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
