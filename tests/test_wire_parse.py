@@ -1,5 +1,5 @@
-"""Strict request parsing: the fast path (parse first, then measure the parsed value's nesting)
-refuses exactly what the byte-level check before parsing refused, with the same error."""
+"""Strict request parsing: the shortcuts (a bracket count instead of the depth check, escaped
+quotes found one by one) refuse exactly what the plain check refused, with the same error."""
 
 from __future__ import annotations
 
@@ -11,7 +11,36 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import wire
 from errors import InvalidRequest
-from wire import MAX_JSON_DEPTH, json_depth_exceeds, nesting_exceeds, parse_request_json
+from array import array
+from itertools import accumulate
+
+from wire import MAX_JSON_DEPTH, json_depth_exceeds, parse_request_json
+
+
+def _reference_depth_exceeds(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """The byte-level depth check as it was (two replaces over the whole body), verbatim."""
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside_strings = b"".join(unescaped.split(b'"')[0::2])
+    brackets = outside_strings.translate(None, wire._NOT_BRACKETS)
+    if len(brackets) <= limit:
+        return False
+    parens = brackets.translate(wire._AS_PARENS)
+    peeled = 0
+    while peeled < wire._PEEL_PASSES and len(parens) > limit - peeled:
+        shorter = parens.replace(b"()", b"")
+        if len(shorter) == len(parens):
+            break
+        parens, peeled = shorter, peeled + 1
+    if len(parens) <= limit - peeled:
+        return False
+    steps = array("b", parens.translate(wire._PAREN_STEPS))
+    depth = peeled
+    for start in range(0, len(steps), wire._DEPTH_SLICE):
+        piece = steps[start:start + wire._DEPTH_SLICE]
+        if max(accumulate(piece, initial=depth)) > limit:
+            return True
+        depth += sum(piece)
+    return False
 
 
 def _reference_parse(data: bytes):
@@ -22,7 +51,7 @@ def _reference_parse(data: bytes):
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest("Request body must be JSON encoded as UTF-8.", code="invalid_json") from None
-    if json_depth_exceeds(data):
+    if _reference_depth_exceeds(data):
         raise InvalidRequest(f"Request body JSON is nested deeper than {MAX_JSON_DEPTH} levels.",
                              code="invalid_json")
 
@@ -82,29 +111,41 @@ def test_parse_request_json__same_outcome_as_the_check_before_parsing(data):
     assert _outcome(parse_request_json, data) == _outcome(_reference_parse, data)
 
 
-_JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab', max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3), children, max_size=3),
-    max_leaves=20,
-)
+@given(_BYTES | st.lists(st.sampled_from(["\\", '"', "[", "]", "{", "}", "a", "\\\\", '\\"']),
+                       max_size=40).map(lambda parts: "".join(parts).encode()))
+@hypothesis_settings(max_examples=1000, deadline=None)
+def test_json_depth_exceeds__same_as_the_plain_check(data):
+    assert json_depth_exceeds(data) == _reference_depth_exceeds(data)
+    assert json_depth_exceeds(data, 9) == _reference_depth_exceeds(data, 9)
+
+
+@pytest.mark.parametrize("depth", range(0, 6))
+@pytest.mark.parametrize("limit", range(0, 5))
+def test_json_depth_exceeds__small_limits_on_valid_json(depth, limit):
+    # Peeling may take every level when the limit is below its passes: still an answer.
+    data = json.dumps({"a": _wrap(1, depth, "[]")}).encode()
+    assert json_depth_exceeds(data, limit) is (depth + 1 > limit)
+
+
+@pytest.mark.parametrize("escapes", [10, 100_000])  # visited one by one / too many: replaced
+def test_json_depth_exceeds__with_few_and_many_escapes(escapes):
+    for inner in ["[" * 300, "]" * 300, ""]:
+        data = json.dumps({"a": ['"\\' * escapes + inner] + [[[1]]] * 3, "b": _wrap(1, 255, "[]")}).encode()
+        deep = data.replace(b'"b": ', b'"b": [') + b"]"  # one level more, unbalanced
+        for body in (data, deep, data.replace(b'\\\\', b'\\')):
+            assert json_depth_exceeds(body) == _reference_depth_exceeds(body)
+
+
+def test_at_most_brackets__counts_both_kinds_anywhere():
+    assert wire._at_most_brackets(b'{"a": "[[["}', 4)
+    assert not wire._at_most_brackets(b'{"a": "[[["}', 3)
+    assert wire._at_most_brackets(b"x" * 1000, 0)
 
 
 def _wrap(value, depth: int, shape: str):
     for _ in range(depth):
         value = [value] if shape == "[]" else {"k": value}
     return value
-
-
-@given(_JSON_VALUES, st.integers(0, 300), st.sampled_from(["[]", "{}"]), st.booleans())
-@hypothesis_settings(max_examples=400, deadline=None)
-def test_nesting_exceeds__agrees_with_the_byte_check(value, depth, shape, as_object):
-    value = _wrap(value, depth, shape)
-    if as_object:
-        value = {"model": "m", "tools": value}
-    data = json.dumps(value).encode()
-
-    assert nesting_exceeds(value, data) == json_depth_exceeds(data)
-    assert nesting_exceeds(value, data, max_items=10**9) == json_depth_exceeds(data)  # walked only
 
 
 @pytest.mark.parametrize("text, too_deep", [
@@ -121,14 +162,11 @@ def test_nesting_exceeds__agrees_with_the_byte_check(value, depth, shape, as_obj
     ("1", False),
     ('"[[["', False),
 ])
-def test_nesting_exceeds__walked_or_scanned(text, too_deep):
-    # Long arrays exceed the walking budget and are settled by the byte scan instead.
+def test_json_depth_exceeds__valid_bodies(text, too_deep):
     data = text.encode()
 
-    assert nesting_exceeds(json.loads(data), data) is too_deep
-    assert nesting_exceeds(json.loads(data), data, max_items=10**9) is too_deep
-    assert nesting_exceeds(json.loads(data), data, max_items=0) is too_deep
     assert json_depth_exceeds(data) is too_deep
+    assert _reference_depth_exceeds(data) is too_deep
 
 
 def test_parse_request_json__deep_array_is_named_as_too_deep_not_as_recursion():
@@ -137,7 +175,7 @@ def test_parse_request_json__deep_array_is_named_as_too_deep_not_as_recursion():
     assert "nested deeper than 256" in caught.value.message
 
 
-def test_parse_request_json__too_deep_but_valid_is_refused_after_parsing():
+def test_parse_request_json__too_deep_but_valid_is_refused():
     data = json.dumps({"model": "m", "tools": _wrap(1, 257, "[]")}).encode()
 
     with pytest.raises(InvalidRequest) as caught:
