@@ -12,11 +12,11 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from config import Settings
 from errors import InvalidRequest
-from secret_scan import CREDENTIAL_PATTERN, contains_secret  # noqa: F401 (re-exported)
+from secret_scan import CREDENTIAL_PATTERN, base64_payload_start, contains_secret  # noqa: F401 (re-exported)
 
 # Body fields that steer the proxy or the transport, never the answer.
 ALWAYS_IGNORED_KEYS = frozenset({"stream", "stream_options", "cache", "cache_control", "metadata"})
@@ -30,30 +30,59 @@ _LONG_STRING = 256
 _PLAIN_ASCII = bytes(byte for byte in range(128) if byte >= 0x20 and byte not in b'"\\')
 
 
-def _json_string(text: str, _escape=json.encoder.encode_basestring) -> str:
+def _string_encoder(clean_strings: list[str] | None) -> Callable[[str], str]:
     """What json.dumps(ensure_ascii=False) writes for a string, with a fast path for long ones.
 
     json's own escaper walks a string one character at a time; a base64 screenshot needs no
     escaping at all (printable, no quote, no backslash), so it is copied between quotes instead.
+    Data: URLs whose payload is all base64 are appended to ``clean_strings`` (when given): the
+    pass that proves them plain is the one the credential scan would otherwise repeat.
     """
-    if len(text) >= _LONG_STRING and text.isascii():
-        # ASCII (an O(1) flag on str): plain when nothing is left after deleting the safe bytes.
-        if not text.encode("ascii").translate(None, _PLAIN_ASCII):
-            return f'"{text}"'
-    return _escape(text)
+    escape = json.encoder.encode_basestring
+
+    def json_string(text: str) -> str:
+        # ASCII is an O(1) flag on str; plain when deleting the safe bytes leaves nothing.
+        if len(text) >= _LONG_STRING and text.isascii():
+            encoded = text.encode("ascii")
+            payload = base64_payload_start(encoded)
+            if payload >= 0:  # base64 bytes are plain: only the head before them needs a look
+                if not encoded[:payload].translate(None, _PLAIN_ASCII):
+                    if clean_strings is not None:
+                        clean_strings.append(text)
+                    return f'"{text}"'
+            elif not encoded.translate(None, _PLAIN_ASCII):
+                return f'"{text}"'
+        return escape(text)
+
+    return json_string
 
 
-def canonical_json(value: Any) -> str:
+def canonical_json(value: Any, clean_strings: list[str] | None = None) -> str:
     """Sorted keys at every level, no whitespace, non-ASCII as itself: the original's key text.
 
     The same text as ``json.dumps(value, sort_keys=True, separators=(",", ":"),
     ensure_ascii=False)`` (a test holds them equal), about five times faster on agent requests
-    that carry screenshots.
+    that carry screenshots. ``clean_strings``: a list to collect, in text order, the strings
+    that hold a data: URL with an all-base64 payload (see ``secret_scan.without_base64_data``).
     """
     make_encoder = json.encoder.c_make_encoder
     if make_encoder is None:  # pragma: no cover - CPython always has the C encoder
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    encode = make_encoder({}, _no_default, _json_string, None, ":", ",", True, False, True)
+    encode = make_encoder({}, _no_default, _string_encoder(clean_strings), None, ":", ",", True,
+                          False, True)
+    return "".join(encode(value, 0))
+
+
+def forwarded_json(value: Any) -> str:
+    """``json.dumps(value, ensure_ascii=False)``: the body the proxy sends upstream when it changed
+    the client's (switches stripped, stream_options added), built as fast as canonical_json."""
+    make_encoder = json.encoder.c_make_encoder
+    if make_encoder is None:  # pragma: no cover - CPython always has the C encoder
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):  # json.dumps encodes a lone string without the encoder
+        return json.encoder.encode_basestring(value)
+    encode = make_encoder({}, _no_default, _string_encoder(None), None, ": ", ", ", False, False,
+                          True)
     return "".join(encode(value, 0))
 
 
@@ -73,6 +102,9 @@ def canonical_payload(mode: str, body: Mapping[str, Any], ignore_keys: frozenset
     return payload
 
 
+_HASH_SLICE = 32768
+
+
 def hash_canonical(canonical: str, partition: str | None = None, namespace: str | None = None) -> str:
     """The cache key: the original's sha256 of the canonical text, unless a namespace
     (X-Cache-Namespace) or a partition (a keyed hash of the client's API key) is given.
@@ -82,13 +114,19 @@ def hash_canonical(canonical: str, partition: str | None = None, namespace: str 
     no request body can produce another namespace's or partition's key, nor an unprefixed one,
     and keys with neither stay the original's, byte for byte.
     """
-    text = canonical
-    if namespace is not None:
-        text = f"namespace:{namespace}\x00{text}"
+    prefix = ""
     if partition is not None:
-        text = f"partition {partition}\n{text}"
+        prefix = f"partition {partition}\n"
+    if namespace is not None:
+        prefix += f"namespace:{namespace}\x00"
+    # The prefix is hashed ahead of the text, not joined to it: no copy of a 400 KB text.
+    digest = hashlib.sha256(prefix.encode("utf-8", "surrogatepass"))
     # surrogatepass: JSON may carry lone surrogates ("\ud800"); they must hash, not crash.
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    # Encoded in slices: UTF-8 is per character, and slices never split one, so the bytes are
+    # the same, while a 400 KB text does not need a fresh 400 KB buffer (page faults) each time.
+    for start in range(0, len(canonical), _HASH_SLICE):
+        digest.update(canonical[start:start + _HASH_SLICE].encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 def switch_value(value: Any) -> bool:
@@ -138,9 +176,9 @@ def model_is_cacheable(model: str, allowlist: tuple[str, ...], denylist: tuple[s
     return True
 
 
-def contains_credentials(text: str) -> bool:
+def contains_credentials(text: str, clean_strings: Sequence[str] = ()) -> bool:
     """The original's labelled check plus bare tokens (keys, JWTs, PEM blocks): see secret_scan."""
-    return contains_secret(text)
+    return contains_secret(text, clean_strings)
 
 
 # -- per-request HTTP controls ---------------------------------------------------------------
@@ -258,7 +296,8 @@ def decide(
     """
     controls = controls or RequestControls()
     ignore = ignored_keys(settings.cache_ignore_keys)
-    canonical = canonical_json(canonical_payload(mode, body, ignore))
+    clean_strings: list[str] = []  # screenshots, already checked once: see canonical_json
+    canonical = canonical_json(canonical_payload(mode, body, ignore), clean_strings)
     key = hash_canonical(canonical, partition, controls.namespace)
 
     def bypass(reason: str) -> Decision:
@@ -275,7 +314,7 @@ def decide(
         return bypass(f"model is not cacheable: {model}")
     if len(canonical) > settings.cache_max_input_chars:
         return bypass("request is too large for cache")
-    if contains_credentials(canonical):
+    if contains_credentials(canonical, clean_strings):
         return bypass("request appears to contain credentials or secrets")
     if controls.no_store and controls.no_cache:
         return bypass("Cache-Control: no-store, no-cache requested")

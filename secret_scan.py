@@ -9,16 +9,17 @@ Two kinds of evidence are searched for in the canonical request text:
 
 The scan runs on the request path of every cacheable request, and computer-use requests carry
 hundreds of kilobytes of base64 screenshots. So the payloads of base64 ``data:`` URLs are skipped
-(found with ``str.find``, not a regex), and each token pattern is only tried, anchored, where its
-literal prefix occurs. Every token must stand on its own (no letter, digit, ``_`` or ``-`` right
-before or after it), so a run of base64 or an identifier such as ``sk-learn`` is not a key.
+(found with ``str.find`` and measured with one C pass over bytes, not a regex), and each
+pattern, the labelled one included, is only tried, anchored, where its literal prefix occurs.
+Every token must stand on its own (no letter, digit, ``_`` or ``-`` right before or after it),
+so a run of base64 or an identifier such as ``sk-learn`` is not a key.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 # The original server's credential check: a label, optional spaces, ':' or '=', an optional quote
 # and a value of 8+ characters without quotes or spaces.
@@ -101,45 +102,161 @@ TOKEN_KINDS: tuple[TokenKind, ...] = (
 
 _BASE64_MARKER = ";base64,"
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]*")
+_BASE64_MARKER_BYTES = _BASE64_MARKER.encode()
+_BASE64_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_BASE64_CHARS = tuple(_BASE64_BYTES.decode())
 
 
-def without_base64_data(text: str) -> str:
+def base64_payload_start(encoded: bytes) -> int:
+    """Where the payload of a data: URL starts, when everything after its first ``;base64,`` is
+    base64 (a screenshot); -1 otherwise. ``encoded``: an ASCII string's bytes.
+
+    One C pass over the bytes. Canonical JSON makes it for every long string (it also proves the
+    payload needs no escaping) and hands the strings it found to the scan, which then confirms
+    each payload by comparison instead of a second pass (``find_secret_kind``).
+    """
+    marker = encoded.find(_BASE64_MARKER_BYTES)
+    if marker < 0:
+        return -1
+    start = marker + len(_BASE64_MARKER_BYTES)
+    # All base64 after the marker <=> deleting the base64 bytes leaves just what the head leaves.
+    if encoded.translate(None, _BASE64_BYTES) != encoded[:start].translate(None, _BASE64_BYTES):
+        return -1
+    return start
+
+
+def without_base64_data(text: str, clean_strings: Sequence[str] = ()) -> str:
     """The text with the payload of every base64 data: URL (screenshots) left out.
 
-    Each payload becomes one space, so the text on either side cannot join into a token.
+    A payload is the whole run of base64 characters after ``;base64,``; each becomes one space,
+    so the text on either side cannot join into a token. A run that could hold the start of a
+    credential (see ``_opaque_payload``) is kept and scanned like any other text.
+
+    ``clean_strings``: strings known to occur in text in this order, each with a payload that
+    ``base64_payload_start`` found clean; where one stands in the text, its run is measured by
+    a comparison (memcmp) instead of a check of every character.
     """
     start = text.find(_BASE64_MARKER)
     if start < 0:
         return text
     pieces = []
     kept_from = 0
+    checked_to = 0  # text before this has already failed the quick check below
+    clean = iter(clean_strings)
+    candidate = next(clean, None)
     while start >= 0:
         payload_start = start + len(_BASE64_MARKER)
-        payload_end = _BASE64_RUN.match(text, payload_start).end()
-        pieces.append(text[kept_from:payload_start])
-        kept_from = payload_end
+        payload_end = -1
+        if candidate is not None:
+            head = candidate.find(_BASE64_MARKER) + len(_BASE64_MARKER)
+            string_start = payload_start - head
+            string_end = string_start + len(candidate)
+            if (string_start >= 0 and text.startswith(candidate, string_start)
+                    and not text.startswith(_BASE64_CHARS, string_end)):
+                # The text holds the candidate here, whose payload is all base64: the run
+                # ends at its end, since the next character is not base64 (or there is none).
+                payload_end = string_end
+                candidate = next(clean, None)
+        if payload_end < 0 and payload_start >= checked_to:
+            # A screenshot's payload runs to the quote that ends its JSON string: when everything
+            # up to the next quote is base64, the run ends there. Checking that is one C pass
+            # over bytes, several times faster than a regex walking the run character by
+            # character. A piece that fails is never checked again, so this stays linear.
+            quote = text.find('"', payload_start)
+            checked_to = len(text) if quote < 0 else quote
+            piece = text[payload_start:checked_to]
+            if piece.isascii() and not piece.encode("ascii").translate(None, _BASE64_BYTES):
+                payload_end = checked_to
+        if payload_end < 0:
+            payload_end = _BASE64_RUN.match(text, payload_start).end()
+        if _opaque_payload(text, payload_start, payload_end):
+            pieces.append(text[kept_from:payload_start])
+            kept_from = payload_end
         start = text.find(_BASE64_MARKER, payload_end)
+    if not pieces:
+        return text
     pieces.append(text[kept_from:])
     return " ".join(pieces)
+
+
+# What of each token prefix can stand in a base64 run ("sk" of "sk-", "ghp" of "ghp_").
+_TOKEN_STEMS = tuple(sorted({_BASE64_RUN.match(prefix).group() for kind in TOKEN_KINDS
+                             for prefix in kind.prefixes} - {""}))
+_LONGEST_LABEL_IN_A_RUN = 12  # refreshtoken ("_" and "-" are not base64: they end a run)
+_PADDING = 2
+
+
+def _opaque_payload(text: str, start: int, end: int) -> bool:
+    """May the base64 run text[start:end] be left out of the scan without losing a credential?
+
+    Text on either side survives the cut, and any labelled value reaching into the run keeps
+    ``;base64,`` (8 characters, enough for a value) before the space that replaces it. Only a
+    match starting inside the run could be lost. A labelled one needs ":", "=" or a space after
+    its label, and of these only "=" is a base64 character: so the label ends at the run's end
+    or at an "=" inside it, which in base64 data is padding (its last two characters). The run
+    is kept when an "=" stands anywhere else, or a label starts in its last characters; and when
+    it begins like a token (a key pasted right after the marker). A random payload is kept
+    about once in a thousand (mostly for an "api" in its last 14 characters), and then costs
+    one scan of its text; PNG and JPEG payloads never begin like a token.
+    """
+    if text.startswith(_TOKEN_STEMS, start):
+        return False
+    padding = text.find("=", start, end)
+    if 0 <= padding < end - _PADDING:
+        return False
+    tail = text[max(start, end - _PADDING - _LONGEST_LABEL_IN_A_RUN):end].lower()
+    return not any(label in tail for label in _LABEL_STARTS)
+
+
+# Every label the pattern knows starts with one of these: a match can only begin where one occurs.
+_LABEL_STARTS = ("api", "secret", "passw", "access", "refresh", "private")
 
 
 def labelled_credential(text: str) -> bool:
     """The original server's check (CREDENTIAL_PATTERN), also across a JSON-escaped quote."""
     if any(char in text for char in _FOLDS_UNLIKE_LOWER):
         return _LABEL_PATTERN_ANY_CASE.search(text) is not None
-    return _LABEL_PATTERN.search(text.lower()) is not None
+    lowered = text.lower()
+    # The pattern tried only where a label starts (found with str.find), not at every a, p, r
+    # and s of the text as a regex search does.
+    match = _LABEL_PATTERN.match
+    for label in _LABEL_STARTS:
+        position = lowered.find(label)
+        while position >= 0:
+            if match(lowered, position) is not None:
+                return True
+            position = lowered.find(label, position + 1)
+    return False
 
 
-def find_secret_kind(text: str) -> str | None:
+# Characters from rarest to most common in ordinary prompts (English prose, code, JSON).
+_RARITY = "_-JQZXKVWYUOGHBFMPLDCRNSTIAEzqxjkvbpygfwmucldrhsnioate "
+
+
+def _gate(prefix: str) -> str:
+    """The character of prefix least likely in ordinary text: "_" of "ghp_", "J" of "eyJ"."""
+    return min(prefix, key=lambda char: _RARITY.find(char) % (len(_RARITY) + 1))
+
+
+# Per kind, the gate of each prefix: when it is not in the text, neither is the prefix.
+_KIND_GATES = tuple(tuple(_gate(prefix) for prefix in kind.prefixes) for kind in TOKEN_KINDS)
+_ALL_GATES = frozenset(gate for gates in _KIND_GATES for gate in gates)
+
+
+def find_secret_kind(text: str, clean_strings: Sequence[str] = ()) -> str | None:
     """The kind of the first credential found in text ("JWT", "labelled credential", ...).
 
     Only the kind is returned, never the matched value, so callers may log it.
+    ``clean_strings``: see ``without_base64_data``; the verdict is the same without them.
     """
-    text = without_base64_data(text)
+    text = without_base64_data(text, clean_strings)
     if labelled_credential(text):
         return "labelled credential"
-    for kind in TOKEN_KINDS:
-        for prefix in kind.prefixes:
+    present = {gate for gate in _ALL_GATES if gate in text}
+    for kind, gates in zip(TOKEN_KINDS, _KIND_GATES):
+        for prefix, gate in zip(kind.prefixes, gates):
+            if gate not in present:
+                continue  # the prefix cannot occur: one memchr spared a substring search
             position = text.find(prefix)
             while position >= 0:
                 match = kind.pattern.match(text, position)
@@ -149,6 +266,6 @@ def find_secret_kind(text: str) -> str | None:
     return None
 
 
-def contains_secret(text: str) -> bool:
+def contains_secret(text: str, clean_strings: Sequence[str] = ()) -> bool:
     """True when text appears to carry a credential of a kind this module knows."""
-    return find_secret_kind(text) is not None
+    return find_secret_kind(text, clean_strings) is not None

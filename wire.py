@@ -20,6 +20,7 @@ MAX_JSON_DEPTH = 256
 _BACKSLASH_PAIR = b"\\\\"
 _ESCAPED_QUOTE = b'\\"'
 _NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+_NOT_STRUCTURE = bytes(byte for byte in range(256) if byte not in b'[]{}"')
 _AS_PARENS = bytes.maketrans(b"[{]}", b"(())")
 _PAREN_STEPS = bytes.maketrans(b"()", b"\x01\xff")
 _PEEL_PASSES = 8
@@ -29,14 +30,14 @@ _DEPTH_SLICE = 65536
 def json_depth_exceeds(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """True when arrays/objects nest deeper than ``limit``, found without parsing or recursion.
 
-    C-speed byte operations strip everything but the brackets outside strings: escapes go first
-    (a run of backslashes pairs up from its left end, so dropping every backslash pair and then
-    every backslash-quote is exact), then every other quote-delimited piece is string content.
-    Depth can never exceed the number of brackets, so ordinary bodies (screenshots are strings)
-    are settled by a count; the rest are summed in slices that stop at the first one too deep.
+    C-speed byte operations strip everything but the brackets outside strings: escaped quotes go
+    first (``_without_escaped_quotes``), then everything but brackets and quotes, then every
+    other quote-delimited piece is string content. Depth can never exceed the number of
+    brackets, so ordinary bodies (screenshots are strings) are settled by a count; the rest are
+    summed in slices that stop at the first one too deep.
     """
-    unescaped = data.replace(_BACKSLASH_PAIR, b"").replace(_ESCAPED_QUOTE, b"")
-    outside_strings = b"".join(unescaped.split(b'"')[0::2])
+    structure = _without_escaped_quotes(data).translate(None, _NOT_STRUCTURE)
+    outside_strings = b"".join(structure.split(b'"')[0::2])
     brackets = outside_strings.translate(None, _NOT_BRACKETS)
     if len(brackets) <= limit:
         return False
@@ -49,6 +50,8 @@ def json_depth_exceeds(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
         if len(shorter) == len(parens):
             break
         parens, peeled = shorter, peeled + 1
+    if peeled > limit:  # each pass took a level: only possible for a limit below _PEEL_PASSES
+        return True
     if len(parens) <= limit - peeled:
         return False
     # As signed bytes "(" is +1 and ")" is -1: the running sum is the depth.
@@ -60,6 +63,50 @@ def json_depth_exceeds(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
             return True
         depth += sum(piece)
     return False
+
+
+def _without_escaped_quotes(data: bytes) -> bytes:
+    """data less every escaped quote (and its backslash); other escapes may stay, they hold no
+    quote or bracket.
+
+    A backslash escapes the next byte, so a run of backslashes pairs up from its left end. With
+    few backslashes (JSON arguments inside a tool call) they are visited one by one, each found
+    with a memchr; with many (a body of code), dropping every backslash pair and then every
+    backslash-quote does the same in two passes over the whole body.
+    """
+    position = data.find(b"\\")
+    if position < 0:
+        return data
+    visits = len(data) // 256 + 64
+    pieces = []
+    kept_from = 0
+    while position >= 0:
+        visits -= 1
+        if visits < 0:
+            return data.replace(_BACKSLASH_PAIR, b"").replace(_ESCAPED_QUOTE, b"")
+        if data.startswith(b'"', position + 1):
+            pieces.append(data[kept_from:position])
+            kept_from = position + 2
+        position = data.find(b"\\", position + 2)  # the escaped byte, even a backslash, is skipped
+    pieces.append(data[kept_from:])
+    return b"".join(pieces)
+
+
+def _at_most_brackets(data: bytes, limit: int) -> bool:
+    """At most ``limit`` opening brackets anywhere in data, so it cannot nest deeper than that.
+
+    Each is found with a memchr and the count stops past the limit: a few microseconds for an
+    agent request, whose screenshots hold none.
+    """
+    count = 0
+    for bracket in (b"[", b"{"):
+        position = data.find(bracket)
+        while position >= 0:
+            count += 1
+            if count > limit:
+                return False
+            position = data.find(bracket, position + 1)
+    return True
 
 
 class _NonFinite(ValueError):
@@ -77,11 +124,16 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# Built once: json.loads(text, **hooks) builds a new decoder (and its C scanner) on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def parse_request_json(data: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or InvalidRequest saying what is wrong with it.
 
     Strict where Python's json is lenient: UTF-8 only, no NaN/Infinity (nor numbers that
-    overflow to them), nesting at most MAX_JSON_DEPTH (checked before parsing, cheaply).
+    overflow to them), nesting at most MAX_JSON_DEPTH, checked before parsing: the parser
+    recurses once per level on the C stack, and a worker thread's stack may be small.
     """
     if not data.strip():
         raise InvalidRequest("Request body must be JSON.", code="invalid_json")
@@ -89,11 +141,11 @@ def parse_request_json(data: bytes) -> dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest("Request body must be JSON encoded as UTF-8.", code="invalid_json") from None
-    if json_depth_exceeds(data):
-        raise InvalidRequest(f"Request body JSON is nested deeper than {MAX_JSON_DEPTH} levels.",
-                             code="invalid_json")
+    if not _at_most_brackets(data, MAX_JSON_DEPTH) and json_depth_exceeds(data):
+        raise _too_deep()
     try:
-        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        # What json.loads(text) does, less its BOM check: a BOM fails to parse all the same.
+        body = _DECODER.decode(text)
     except _NonFinite:
         raise InvalidRequest("Request body must be JSON: NaN, Infinity and numbers too large for "
                              "a double are not allowed.", code="invalid_json") from None
@@ -102,6 +154,11 @@ def parse_request_json(data: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object.", code="invalid_json")
     return body
+
+
+def _too_deep() -> InvalidRequest:
+    return InvalidRequest(f"Request body JSON is nested deeper than {MAX_JSON_DEPTH} levels.",
+                          code="invalid_json")
 
 
 def _require_model(body: Mapping[str, Any]) -> None:

@@ -18,7 +18,7 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 from cache_policy import CREDENTIAL_PATTERN, canonical_json, canonical_payload, decide
 from config import load_settings
 from helpers import chat_body
-from secret_scan import contains_secret, find_secret_kind, labelled_credential
+from secret_scan import contains_secret, find_secret_kind, labelled_credential, without_base64_data
 
 CREDENTIAL_REASON = "request appears to contain credentials or secrets"
 
@@ -245,3 +245,51 @@ def test_proxy__answers_but_never_stores_a_request_with_a_bare_key(openai_client
         assert raw.parse().choices[0].message.content.startswith("echo: Is my OpenRouter key")
     assert len(fake_upstream.calls()) == 2
     assert proxy.store.stats()["entries"] == 0
+
+
+# -- base64 data: URLs -------------------------------------------------------------------------
+# Their payloads are left out of the scan (screenshots are most of an agent's request), but
+# only where no credential can start: a value typed right after ";base64," is still found.
+
+_B64_TEXT = base64.b64encode(random.Random(3).randbytes(300)).decode()
+_DATA_URL_PIECES = st.sampled_from([
+    ";base64,", "data:image/png;base64,", "data:text/plain;base64,", _B64_TEXT[:5], _B64_TEXT,
+    "=", "==", ":", " ", '"', "'", "\\", "_", "-", "api", "key", "apikey", "api_key", "Secret",
+    "password", "PASSWD", "access", "token", "refresh_token", "privatekey", "hunter2hunter2",
+    "AKIA", "ghp_", "sk-", "0123456789ABCDEF",
+])
+
+
+@given(st.lists(_DATA_URL_PIECES, max_size=24).map("".join))
+@hypothesis_settings(max_examples=1500, deadline=None)
+def test_contains_secret__flags_what_the_original_flagged_around_base64_payloads(text):
+    if CREDENTIAL_PATTERN.search(text) is not None:
+        assert contains_secret(text)
+
+
+TYPED_AFTER_THE_MARKER = [
+    "data:text/plain;base64,password=hunter2hunter2",
+    "data:text/plain;base64,api_key=" + _random(ALNUM, 24),
+    "data:text/plain;base64,apikey=" + _random(ALNUM, 24),
+    "data:;base64,SECRET: " + _random(ALNUM, 12),
+    "data:;base64," + _B64_TEXT[:40] + "secret:" + _random(ALNUM, 12),
+    "data:;base64," + _B64_TEXT[:40] + "passwd=" + _random(ALNUM, 12) + "==",
+    "data:;base64," + _B64_TEXT[:40] + "access_token = " + _random(ALNUM, 12),
+    "data:;base64,AKIA" + _random(UPPER_DIGITS, 16),
+    "data:;base64,ghp_" + _random(ALNUM, 36),
+    "data:;base64,sk-proj-" + _random(BASE64URL, 60),
+    "data:;base64," + JWT,
+]
+
+
+@pytest.mark.parametrize("text", TYPED_AFTER_THE_MARKER)
+def test_find_secret_kind__sees_a_credential_typed_in_a_base64_payload(text):
+    assert find_secret_kind(canonical_json(chat_body(text))) is not None
+
+
+@pytest.mark.parametrize("size", [30_000, 30_001, 30_002])  # no, one and two "=" of padding
+@pytest.mark.parametrize("url", [_png_data_url, _jpeg_data_url], ids=["png", "jpeg"])
+def test_without_base64_data__leaves_out_screenshot_payloads(url, size):
+    canonical = canonical_json(canonical_payload("chat", _screenshot_body(size, url), frozenset()))
+
+    assert len(without_base64_data(canonical)) < 1_000
