@@ -18,7 +18,8 @@ from typing import Any, Iterator
 
 from flask import Request, Response
 
-from cache_policy import Decision, decide, parse_request_controls, strip_proxy_controls, switch_value
+from cache_policy import Decision, decide, forwarded_json, parse_request_controls, strip_proxy_controls
+from cache_policy import switch_value
 from cache_store import CachedEntry, NewEntry, SQLiteStore, StoreError
 from coalesce import Coalescer
 from config import Settings
@@ -338,8 +339,6 @@ class CompletionProxy:
         elif forwarded == body:
             return request.get_data()  # unchanged: send the client's own bytes
         # json.dumps(forwarded, ensure_ascii=False), with the screenshot fast path (~4x at 400 KB)
-        from cache_policy import forwarded_json
-
         return forwarded_json(forwarded).encode("utf-8", "surrogatepass")
 
     def _forward(self, endpoint: Endpoint, body: dict, request: Request, decision: Decision) -> Response:
@@ -518,7 +517,10 @@ def with_metadata(completion: dict, outcome: Outcome) -> bytes:
 def _storable(json_text: str) -> str:
     """JSON text SQLite can hold: a lone surrogate ("\\ud800" in the client's JSON) cannot be
     encoded as UTF-8, so it is written back as the JSON escape it came from; the text still
-    decodes to the same value."""
+    decodes to the same value. ASCII text (most of it, and every base64 screenshot) is
+    returned as it is: a 400 KB round trip through UTF-8 costs more than the rest of the store."""
+    if json_text.isascii():
+        return json_text
     return json_text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
