@@ -8,6 +8,7 @@ of the worker's main loop, which keeps beating while its threads serve requests,
 it). Values come from ``Settings`` (WEB_CONCURRENCY, GUNICORN_THREADS, GUNICORN_TIMEOUT).
 """
 
+import ctypes
 import os
 import shutil
 import sys
@@ -26,6 +27,32 @@ except SettingsError as exc:  # one clear line instead of a traceback per worker
 _own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="computer-use-cache-metrics-")
+
+# glibc's malloc hands buffers above its threshold straight back to the kernel, so every request
+# of an agent that resends 400 KB of screenshots paid ~100 page faults per buffer (about a dozen
+# buffers: body, parse, canonical form, forwarded body, SQLite's copy) on every step. Keeping
+# buffers up to 4 MiB in the heap and trimming only past 16 MiB took a 400 KB miss from ~11 ms to
+# ~7 ms over the upstream's time, with no change in the memory held during a 256-call burst
+# (README, "Performance and deployment"). Set before the fork, so every worker inherits it.
+MALLOC_MMAP_THRESHOLD_BYTES = 4 << 20
+MALLOC_TRIM_THRESHOLD_BYTES = 16 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameter numbers (malloc.h)
+
+
+def tune_malloc() -> bool:
+    """Apply the thresholds above; False where there is no glibc mallopt, or where the operator
+    set glibc's own MALLOC_*_THRESHOLD_ variables (theirs win)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
+                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES))
+
+
+malloc_tuned = tune_malloc()
 
 bind = f"{_settings.host}:{_settings.port}"
 worker_class = "gthread"

@@ -158,3 +158,35 @@ def test_production_server__sigterm_writes_every_hit_count(start_gunicorn, fake_
         (hits,) = db.execute("SELECT hits FROM completions").fetchone()
     assert hits == 9
     assert len(fake_upstream.calls()) == 1
+
+
+FRESH_BUFFERS = """
+import resource, runpy, sys
+conf = runpy.run_path("gunicorn.conf.py")
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(200):
+        buffer = bytes(400_000) + b"x"  # a fresh 400 KB buffer, as each agent step brings
+        del buffer
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(conf["malloc_tuned"], faults())
+"""
+
+
+def run_fresh_buffers(**env: str) -> tuple[str, int]:
+    result = subprocess.run([sys.executable, "-c", FRESH_BUFFERS], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    tuned, faults = result.stdout.split()
+    return tuned, int(faults)
+
+
+def test_production_config__large_buffers_are_reused_not_faulted_in_again():
+    tuned, faults = run_fresh_buffers()
+    # The operator's own glibc settings win: here they are glibc's defaults.
+    untouched, default_faults = run_fresh_buffers(MALLOC_TRIM_THRESHOLD_="131072")
+
+    assert (tuned, untouched) == ("True", "False")
+    assert default_faults > 5000  # ~100 page faults per 400 KB buffer
+    assert faults < default_faults / 20
