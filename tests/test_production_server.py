@@ -190,3 +190,11 @@ def test_production_config__large_buffers_are_reused_not_faulted_in_again():
     assert (tuned, untouched) == ("True", "False")
     assert default_faults > 5000  # ~100 page faults per 400 KB buffer
     assert faults < default_faults / 20
+
+
+def test_production_config__threads_take_longer_turns_on_the_gil():
+    result = subprocess.run([sys.executable, "-c", "import runpy, sys; runpy.run_path('gunicorn.conf.py'); "
+                             "print(sys.getswitchinterval())"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) == 0.05
