@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Callable
+
 
 def chat_body(content: str = "Plan the next click.", **overrides) -> dict:
     """A realistic chat request; overrides replace or add top-level fields."""
@@ -27,3 +30,19 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def holds_in_forked_child(check: Callable[[], bool]) -> bool:
+    """Run ``check`` in a forked child (as a gunicorn worker is) and return its verdict."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(write_end, b"ok" if check() else b"no")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    verdict = os.read(read_end, 8)
+    os.close(read_end)
+    return verdict == b"ok"

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from cache_store import MIGRATIONS, NewEntry, SQLiteStore, StoreError
-from helpers import FakeClock
+from helpers import FakeClock, holds_in_forked_child
 
 
 def entry(key: str = "k1", response: dict | None = None, model: str = "test/model-a") -> NewEntry:
@@ -295,20 +295,12 @@ def test_sqlite_store__usable_again_after_close(tmp_path):
 def test_sqlite_store__a_forked_child_opens_connections_of_its_own(tmp_path):
     store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0)
     store.put(entry("parent"))
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        try:
-            inherited = set(map(id, store._pool))
-            ok = store.get("parent") is not None and store.put(entry("child")) == "stored"
-            own = not inherited & set(map(id, store._pool))
-            os.write(write_end, b"ok" if ok and own else b"bad")
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    assert os.read(read_end, 8) == b"ok"
-    os.close(read_end)
+    def child_has_its_own():
+        inherited = set(map(id, store._pool))
+        ok = store.get("parent") is not None and store.put(entry("child")) == "stored"
+        return ok and not inherited & set(map(id, store._pool))
+
+    assert holds_in_forked_child(child_has_its_own)
     assert store.get("child") is not None
     assert store.put(entry("parent")) == "updated"
     store.close()

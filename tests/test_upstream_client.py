@@ -1,6 +1,13 @@
-"""Unit tests of upstream.UpstreamClient with the `responses` library (no sockets)."""
+"""Unit tests of upstream.UpstreamClient: with the `responses` library (no sockets), then over
+real sockets against small counting servers."""
 
 from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -8,6 +15,8 @@ import responses
 
 import config
 from errors import UpstreamFailed, UpstreamTimeout
+from fake_upstream import sse_reply, trickle_reply
+from helpers import holds_in_forked_child
 from upstream import UpstreamClient, relayable_headers, safe_client_value
 
 BASE = "http://upstream.test/v1"
@@ -100,16 +109,6 @@ def test_relayable_headers__drops_hop_by_hop_and_encoding_keeps_retry_after():
 
 
 # --------------------------------------------------------------------------- over real sockets
-
-import os
-import socket
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-import json
-
-from fake_upstream import sse_reply, trickle_reply
 
 
 class _CountingServer(ThreadingHTTPServer):
@@ -220,19 +219,11 @@ def test_open__a_forked_child_uses_a_pool_of_its_own(counting_server):
     client = make_client(upstream_base_url=counting_server.base_url)
     client.request("GET", "/models", {})
     parents = client._transport()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        try:
-            own = client._transport() is not parents
-            answered = client.request("GET", "/models", {}).status == 200
-            os.write(write_end, b"ok" if own and answered else b"shared")
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    assert os.read(read_end, 16) == b"ok"
-    os.close(read_end)
+    def child_has_its_own():
+        return (client._transport() is not parents
+                and client.request("GET", "/models", {}).status == 200)
+
+    assert holds_in_forked_child(child_has_its_own)
     assert client._transport() is parents
     assert client.request("GET", "/models", {}).status == 200
 
