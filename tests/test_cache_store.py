@@ -7,7 +7,6 @@ A future backend's tests subclass ``StoreContract`` and override the ``make_stor
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
