@@ -240,14 +240,21 @@ def _m003_stats(db: sqlite3.Connection) -> None:
     )
 
 
+def _store_error(exc: sqlite3.Error) -> StoreError:
+    error = StoreError(str(exc))
+    error.__cause__ = exc
+    return error
+
+
 class _QueuedPut:
     """One store waiting for the write lock: whoever takes the lock first writes every queued
     one in its transaction, and hands each its outcome or its error."""
 
-    __slots__ = ("entry", "now", "expires_at", "namespace", "done", "outcome", "error")
+    __slots__ = ("entry", "now", "expires_at", "namespace", "done", "outcome", "error", "size")
 
     def __init__(self, entry: NewEntry, now: float, expires_at: float | None, namespace: str | None):
         self.entry = entry
+        self.size = len(entry.request_json) + len(entry.response_json)
         self.now = now
         self.expires_at = expires_at
         self.namespace = namespace
@@ -394,6 +401,10 @@ def savings(prompt: float, completion: float, cost: float, seconds: float) -> di
 # the COMMIT of whichever request crosses it, holding the write lock (measured: up to ~370 ms
 # under a burst, with every other store waiting behind it).
 CHECKPOINT_AFTER_BYTES = 4 * 1024 * 1024
+# One group-commit transaction holds at most this much (more if one store alone is larger).
+MAX_BATCH_BYTES = CHECKPOINT_AFTER_BYTES
+# After a checkpoint a WAL file larger than this is cut back (it otherwise keeps its peak size).
+WAL_SIZE_LIMIT_BYTES = 4 * CHECKPOINT_AFTER_BYTES
 WAL_AUTOCHECKPOINT_PAGES = 10000
 
 # Stores written by one statement (13 values each: within SQLite's oldest limit of 999).
@@ -546,6 +557,8 @@ class SQLiteStore:
             # NORMAL under WAL: a power cut may lose the last commits, never corrupt the file;
             # the right trade for a cache, and it takes the fsync off every commit.
             db.execute("PRAGMA synchronous=NORMAL")
+            # A WAL that once held a large transaction is cut back at the next checkpoint.
+            db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
             if self.hit_flush_seconds > 0:
                 # Checkpoints belong to the background flusher (CHECKPOINT_AFTER_BYTES above);
                 # without one, SQLite's default (1000 pages) stays.
@@ -711,15 +724,17 @@ class SQLiteStore:
 
         Under a burst the write lock, not SQLite, is the bottleneck: every transaction takes
         several turns of the GIL among hundreds of threads while it holds the lock. One
-        transaction for everything queued meanwhile pays that once. A batch that fails is
-        written again one store per transaction, so each gets exactly its own outcome or error.
+        transaction for everything queued meanwhile pays that once, up to MAX_BATCH_BYTES at a
+        time. A batch that fails is written again one store per transaction, so each gets
+        exactly its own outcome or error; one that found the database held by another writer
+        past busy_timeout fails as a whole at once (a retry of each would wait as long again).
         """
         with self._queue_lock:
             self._queue.append(put)
         with self._write_lock:
-            if not put.done:
+            while not put.done:
                 with self._queue_lock:
-                    batch, self._queue = self._queue, []
+                    batch = self._next_batch()
                 try:
                     self._write_batch(batch)
                 finally:
@@ -729,6 +744,19 @@ class SQLiteStore:
         if put.error is not None:
             raise put.error
         return put.outcome  # type: ignore[return-value]
+
+    def _next_batch(self) -> list[_QueuedPut]:
+        """The oldest queued stores, at most MAX_BATCH_BYTES of them (always at least one), in
+        queue order so two stores of one key land in the order they came. A transaction's pages
+        stay in the WAL until it commits: an unbounded batch would grow it by a whole burst."""
+        size, taken = 0, 0
+        for queued in self._queue:
+            size += queued.size
+            if taken and size > MAX_BATCH_BYTES:
+                break
+            taken += 1
+        batch, self._queue = self._queue[:taken], self._queue[taken:]
+        return batch
 
     def _upsert(self, db: sqlite3.Connection, batch: list[_QueuedPut]) -> list[str]:
         """Insert or replace each queued store, in order, with as few statements as possible:
@@ -793,6 +821,14 @@ class SQLiteStore:
                     if self.on_write is not None:
                         self.on_write(db)
                     outcomes = self._transaction(db, lambda db: self._upsert(db, batch))
+                except sqlite3.Error as exc:
+                    if getattr(exc, "sqlite_errorcode", None) in _BUSY_ERROR_CODES:
+                        # Another writer held the database past busy_timeout: no store of this
+                        # batch caused it, and retrying each would wait that long again.
+                        self._report_error("write")
+                        for put in batch:
+                            put.finish(error=_store_error(exc))
+                        return
                 except Exception:  # one at a time below: each gets its own outcome or error
                     pass
                 else:
@@ -806,9 +842,7 @@ class SQLiteStore:
                     put.finish(self._transaction(db, lambda db: self._upsert(db, [put])[0]))  # type: ignore[arg-type]
                 except sqlite3.Error as exc:
                     self._report_error("write")
-                    error = StoreError(str(exc))
-                    error.__cause__ = exc
-                    put.finish(error=error)
+                    put.finish(error=_store_error(exc))
                 except Exception as exc:
                     put.finish(error=exc)
         finally:

@@ -7,13 +7,14 @@ A future backend's tests subclass ``StoreContract`` and override the ``make_stor
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
 
 import pytest
 
-from cache_store import MIGRATIONS, NewEntry, SQLiteStore, StoreError
+from cache_store import MAX_BATCH_BYTES, MIGRATIONS, WAL_SIZE_LIMIT_BYTES, NewEntry, SQLiteStore, StoreError
 from helpers import FakeClock, holds_in_forked_child
 
 
@@ -409,6 +410,58 @@ def test_sqlite_store__a_failing_store_in_a_batch_fails_alone(tmp_path):
     assert (results["first"], results["a"], results["b"]) == ("stored", "stored", "stored")
     assert isinstance(results["bad"], StoreError)
     assert store.get("bad") is None and store.stats()["entries"] == 3
+    store.close()
+
+
+def test_sqlite_store__a_batch_holds_at_most_max_batch_bytes_and_the_wal_shrinks_back(tmp_path):
+    transactions: list = []
+    entered, release = threading.Event(), threading.Event()
+    path = tmp_path / "c.sqlite3"
+    store = SQLiteStore(str(path), hit_flush_seconds=0, maintenance_seconds=0,
+                        on_write=_holding_hook(transactions, entered, release))
+    screenshot = "A" * (MAX_BATCH_BYTES * 3 // 8)  # three of them pass the cap, two do not
+    big = [NewEntry(f"big{n}", "chat", "test/model-a", json.dumps({"shot": screenshot}), "{}")
+           for n in range(10)]
+    results: dict = {}
+    threads = _queue_behind_a_held_write(store, big, entered, results)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert results == {f"big{n}": "stored" for n in range(10)}
+    assert len(transactions) == 6  # the held one alone, then the nine queued two by two
+    store.flush()  # checkpoints the WAL
+    store.put(entry("after"))
+    assert os.path.getsize(str(path) + "-wal") <= WAL_SIZE_LIMIT_BYTES
+    store.close()
+
+
+def test_sqlite_store__a_batch_that_meets_another_writer_fails_once_for_all(tmp_path):
+    transactions: list = []
+    entered, release = threading.Event(), threading.Event()
+    path = tmp_path / "c.sqlite3"
+    store = SQLiteStore(str(path), hit_flush_seconds=0, maintenance_seconds=0, busy_timeout_ms=200,
+                        on_write=_holding_hook(transactions, entered, release))
+    store.put(entry("before"))
+    transactions.clear()
+    other = sqlite3.connect(str(path), isolation_level=None)
+    results: dict = {}
+    threads = _queue_behind_a_held_write(store, [entry(f"k{n}") for n in range(6)], entered, results)
+    other.execute("BEGIN IMMEDIATE")  # another process's long write
+    started = time.monotonic()
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    waited = time.monotonic() - started
+    other.execute("ROLLBACK")
+    other.close()
+
+    assert all(isinstance(result, StoreError) and "locked" in str(result) for result in results.values())
+    assert len(results) == 6
+    # The held store waits busy_timeout once and the batch of five once more; one at a time
+    # the five would each have waited it again (1.2 s in all).
+    assert waited < 0.8
+    assert store.put(entry("k0")) == "stored"  # caching resumes once the other writer is done
     store.close()
 
 
