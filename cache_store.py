@@ -1172,7 +1172,9 @@ class SQLiteStore:
 
     def _flush_forever(self, stop: threading.Event, wake: threading.Event) -> None:
         while True:
-            wake.wait(self.hit_flush_seconds)  # a flush period, or woken early by many stores
+            # A flush period, or woken early by many stores. A period past what a wait can take
+            # (CACHE_HIT_FLUSH_SECONDS=1e10) means "only when woken", not a dead flusher.
+            wake.wait(min(self.hit_flush_seconds, threading.TIMEOUT_MAX))
             wake.clear()
             if stop.is_set():
                 return

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from cache_store import MAX_BATCH_BYTES, MIGRATIONS, WAL_SIZE_LIMIT_BYTES, NewEntry, SQLiteStore, StoreError
+from cache_store import CHECKPOINT_AFTER_BYTES, MAX_BATCH_BYTES, MIGRATIONS, WAL_SIZE_LIMIT_BYTES
+from cache_store import NewEntry, SQLiteStore, StoreError
 from helpers import FakeClock, holds_in_forked_child
 
 
@@ -462,6 +463,23 @@ def test_sqlite_store__a_batch_that_meets_another_writer_fails_once_for_all(tmp_
     # the five would each have waited it again (1.2 s in all).
     assert waited < 0.8
     assert store.put(entry("k0")) == "stored"  # caching resumes once the other writer is done
+    store.close()
+
+
+@pytest.mark.parametrize("period", [1e10, float("inf")])
+def test_sqlite_store__a_very_long_flush_period_still_checkpoints_after_many_stores(tmp_path, period):
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=period, maintenance_seconds=0)
+    store.put(entry("first"))
+    flushers = [thread for thread in threading.enumerate() if thread.name == "cache-hit-flusher"]
+    screenshot = "A" * (1 << 20)
+    for n in range(6):  # past CHECKPOINT_AFTER_BYTES: the flusher is woken to checkpoint
+        store.put(NewEntry(f"big{n}", "chat", "test/model-a", json.dumps({"shot": screenshot}), "{}"))
+    deadline = time.monotonic() + 5
+    while store._bytes_since_checkpoint > CHECKPOINT_AFTER_BYTES and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    assert flushers and all(thread.is_alive() for thread in flushers)
+    assert store._bytes_since_checkpoint <= CHECKPOINT_AFTER_BYTES  # 6 MB written: it ran
     store.close()
 
 
