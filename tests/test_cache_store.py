@@ -381,11 +381,18 @@ def _holding_hook(transactions: list, entered: threading.Event, release: threadi
     return hook
 
 
-def test_sqlite_store__concurrent_stores_share_one_transaction(tmp_path):
+def _store_with_a_held_first_write(path, **options):
+    """A store whose first write transaction waits inside its on_write hook until ``release``:
+    the stores started meanwhile queue behind it. Returns (store, transactions, entered, release)."""
     transactions: list = []
     entered, release = threading.Event(), threading.Event()
-    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0,
-                        on_write=_holding_hook(transactions, entered, release))
+    store = SQLiteStore(str(path), hit_flush_seconds=0, maintenance_seconds=0,
+                        on_write=_holding_hook(transactions, entered, release), **options)
+    return store, transactions, entered, release
+
+
+def test_sqlite_store__concurrent_stores_share_one_transaction(tmp_path):
+    store, transactions, entered, release = _store_with_a_held_first_write(tmp_path / "c.sqlite3")
     results: dict = {}
     threads = _queue_behind_a_held_write(store, [entry(f"k{n}") for n in range(10)], entered, results)
     release.set()
@@ -398,10 +405,7 @@ def test_sqlite_store__concurrent_stores_share_one_transaction(tmp_path):
 
 
 def test_sqlite_store__a_failing_store_in_a_batch_fails_alone(tmp_path):
-    transactions: list = []
-    entered, release = threading.Event(), threading.Event()
-    store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0,
-                        on_write=_holding_hook(transactions, entered, release))
+    store, transactions, entered, release = _store_with_a_held_first_write(tmp_path / "c.sqlite3")
     results: dict = {}
     bad = NewEntry("bad", "chat", {"not": "bindable"}, "{}", "{}")  # type: ignore[arg-type]
     threads = _queue_behind_a_held_write(store, [entry("first"), entry("a"), bad, entry("b")], entered, results)
@@ -415,11 +419,8 @@ def test_sqlite_store__a_failing_store_in_a_batch_fails_alone(tmp_path):
 
 
 def test_sqlite_store__a_batch_holds_at_most_max_batch_bytes_and_the_wal_shrinks_back(tmp_path):
-    transactions: list = []
-    entered, release = threading.Event(), threading.Event()
     path = tmp_path / "c.sqlite3"
-    store = SQLiteStore(str(path), hit_flush_seconds=0, maintenance_seconds=0,
-                        on_write=_holding_hook(transactions, entered, release))
+    store, transactions, entered, release = _store_with_a_held_first_write(path)
     screenshot = "A" * (MAX_BATCH_BYTES * 3 // 8)  # three of them pass the cap, two do not
     big = [NewEntry(f"big{n}", "chat", "test/model-a", json.dumps({"shot": screenshot}), "{}")
            for n in range(10)]
@@ -438,11 +439,8 @@ def test_sqlite_store__a_batch_holds_at_most_max_batch_bytes_and_the_wal_shrinks
 
 
 def test_sqlite_store__a_batch_that_meets_another_writer_fails_once_for_all(tmp_path):
-    transactions: list = []
-    entered, release = threading.Event(), threading.Event()
     path = tmp_path / "c.sqlite3"
-    store = SQLiteStore(str(path), hit_flush_seconds=0, maintenance_seconds=0, busy_timeout_ms=200,
-                        on_write=_holding_hook(transactions, entered, release))
+    store, transactions, entered, release = _store_with_a_held_first_write(path, busy_timeout_ms=200)
     store.put(entry("before"))
     transactions.clear()
     other = sqlite3.connect(str(path), isolation_level=None)
