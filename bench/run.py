@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cache_policy  # noqa: E402
 import cache_store  # noqa: E402
+import store_schema  # noqa: E402
 import config  # noqa: E402
 from loadgen import UNIQUE, Connection, Result, _unique, build_request, burst, get_request, run_load  # noqa: E402
 
@@ -203,7 +204,7 @@ def fill_database(path: Path, rows: int, hit_body: bytes) -> None:
     # Made the way the store makes a new file, so the steady state is measured, not the one-time
     # conversion of an original-server file to incremental auto-vacuum (README, "Managing the store").
     db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-    cache_store._m001_initial(db)
+    store_schema.MIGRATIONS[0][2](db)  # the original table; the store migrates it on open
     now = time.time()
 
     def generated():

@@ -9,7 +9,8 @@ import time
 
 import requests
 
-from cache_store import MIGRATIONS, NewEntry, SQLiteStore
+from cache_store import NewEntry, SQLiteStore
+from store_schema import MIGRATIONS
 from conftest import ProxyServer
 from helpers import chat_body
 

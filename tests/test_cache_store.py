@@ -14,9 +14,10 @@ import time
 
 import pytest
 
-from cache_store import CHECKPOINT_AFTER_BYTES, MAX_BATCH_BYTES, MIGRATIONS, WAL_SIZE_LIMIT_BYTES
+from cache_store import CHECKPOINT_AFTER_BYTES, MAX_BATCH_BYTES, WAL_SIZE_LIMIT_BYTES
 from cache_store import NewEntry, SQLiteStore, StoreError
 from helpers import FakeClock, holds_in_forked_child
+from store_schema import MIGRATIONS
 
 
 def entry(key: str = "k1", response: dict | None = None, model: str = "test/model-a") -> NewEntry:
