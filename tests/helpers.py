@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
+
+import requests
 
 
 def chat_body(content: str = "Plan the next click.", **overrides) -> dict:
@@ -46,3 +49,14 @@ def holds_in_forked_child(check: Callable[[], bool]) -> bool:
     verdict = os.read(read_end, 8)
     os.close(read_end)
     return verdict == b"ok"
+
+
+def post_all(url: str, bodies: list[dict], timeout: float = 15) -> list[requests.Response]:
+    """POST every body to url's chat route at once, each on a connection of its own (so a
+    burst spreads over a server's workers); the replies in order."""
+    def post(body):
+        with requests.Session() as session:
+            return session.post(url + "/v1/chat/completions", json=body, timeout=timeout)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(post, bodies))

@@ -6,24 +6,12 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
 from coalesce import Coalescer
 from fake_upstream import error_reply, json_reply
-from helpers import chat_body
-
-
-def post_all(url: str, bodies: list[dict]) -> list:
-    import requests
-
-    def post(body):
-        with requests.Session() as session:
-            return session.post(url + "/v1/chat/completions", json=body, timeout=10)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(post, bodies))
+from helpers import chat_body, post_all
 
 
 def test_coalesce__identical_concurrent_misses_make_one_upstream_call(start_proxy, fake_upstream):

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from fake_upstream import chat_completion, chunks_from_completion, sse_reply
-from helpers import chat_body
+from helpers import chat_body, post_all
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
@@ -86,15 +86,6 @@ def start_gunicorn(tmp_path, fake_upstream):
     yield start
     for server in servers:
         server.terminate()
-
-
-def post_all(url: str, bodies: list[dict]) -> list[requests.Response]:
-    def post(body):
-        with requests.Session() as session:  # one connection each, spread over the workers
-            return session.post(url + "/v1/chat/completions", json=body, timeout=15)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(post, bodies))
 
 
 def test_production_server__a_burst_across_workers_makes_one_upstream_call(start_gunicorn, fake_upstream):

@@ -151,10 +151,10 @@ def _drive(url: str, load: Load, stop: threading.Event, thread_number: int, seed
         with load.lock:
             known = list(load.acknowledged.items()) if rng.random() < 0.5 else []
         if known:
-            key, (prompt, acknowledged_body) = rng.choice(known)
+            _, (prompt, acknowledged_body) = rng.choice(known)
         else:
             sequence += 1
-            key, prompt, acknowledged_body = None, f"thread {thread_number} step {sequence}", None
+            prompt, acknowledged_body = f"thread {thread_number} step {sequence}", None
         try:
             response = session.post(url + "/v1/chat/completions", json=_body(prompt), timeout=20)
         except requests.RequestException:
