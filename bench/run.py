@@ -1,10 +1,13 @@
 """`make bench`: the speed and concurrency figures of issue 4, side by side with a floor.
 
 Starts, all on 127.0.0.1: the fake upstream (tests/fake_upstream.py; a second one with a 1 s
-delay for the slow scenarios), the floor app (bench/floor_app.py: the least a Flask app can do)
-and the proxy, both under gunicorn with the production gunicorn.conf.py. Drives load with
-bench/loadgen.py (several processes of keep-alive connections), prints one table and stops by
-itself. Ratios are against the floor (or the direct upstream) measured in the same run.
+delay for the slow scenarios), the floor app (bench/floor_app.py: the least a Flask app can do),
+the relay floor (bench/relay_app.py: the least a Flask app can do to forward a completion with
+`requests`) and the proxy, all under gunicorn with the production gunicorn.conf.py. Drives load
+with bench/loadgen.py (several processes of keep-alive connections), prints one table and stops
+by itself. Ratios are against the floor (or the direct upstream) measured in the same run; the
+miss figures also show what the relay floor adds in the same run, i.e. what the committed stack
+costs before the cache does anything.
 """
 
 from __future__ import annotations
@@ -91,6 +94,10 @@ class Services:
 
     def floor(self) -> tuple[int, subprocess.Popen]:
         return self.gunicorn("floor_app:app", {}, ["--pythonpath", "bench"])
+
+    def relay(self, upstream_url: str) -> tuple[int, subprocess.Popen]:
+        return self.gunicorn("relay_app:create_app()", {"UPSTREAM_BASE_URL": upstream_url},
+                             ["--pythonpath", "bench"])
 
     def stop(self, process: subprocess.Popen) -> None:
         if process.poll() is None:
@@ -256,26 +263,31 @@ def sequential(port: int, raw: bytes, seconds: float, quota: int) -> list[float]
 
 def paired(first: tuple[int, bytes], second: tuple[int, bytes], seconds: float,
            quota: int) -> tuple[list[float], list[float]]:
-    """Latencies of two servers asked in turn, one request at a time, on one keep-alive
-    connection each: whatever else the machine is doing falls on both alike, so their ratio
-    holds even where absolute figures swing."""
-    connections = [Connection(first[0]), Connection(second[0])]
-    raws = [first[1], second[1]]
-    latencies: tuple[list[float], list[float]] = ([], [])
+    """Latencies of two servers asked in turn (see ``in_turn``)."""
+    return in_turn([first, second], seconds, quota)
+
+
+def in_turn(sides: list[tuple[int, bytes]], seconds: float, quota: int) -> tuple[list[float], ...]:
+    """Latencies of several servers asked in turn, one request at a time, on one keep-alive
+    connection each: whatever else the machine is doing falls on all alike, so their ratios
+    hold even where absolute figures swing."""
+    connections = [Connection(port) for port, _ in sides]
+    latencies: tuple[list[float], ...] = tuple([] for _ in sides)
     tag = os.urandom(4).hex()
     deadline = time.monotonic() + seconds
     number = 0
     try:
-        while time.monotonic() < deadline and len(latencies[1]) < quota:
-            for side in (0, 1):
+        # A short run still measures a few requests after its warm-up.
+        while (time.monotonic() < deadline or len(latencies[-1]) < 5) and len(latencies[-1]) < quota:
+            for side, (_, raw) in enumerate(sides):
                 number += 1
-                request = _unique(raws[side], tag, number)
+                request = _unique(raw, tag, number)
                 began = time.monotonic()
                 reply = connections[side].send(request)
                 elapsed = time.monotonic() - began
                 if reply.status != 200:
                     raise RuntimeError(f"status {reply.status}: {reply.body[:200]!r}")
-                if number > 20:  # warm-up
+                if number > 10 * len(sides):  # warm-up
                     latencies[side].append(elapsed)
     finally:
         for connection in connections:
@@ -360,10 +372,13 @@ def run_scenarios(services: Services, tmp: Path, args) -> int:
 
     upstream_port = int(fast_upstream.rsplit(":", 1)[1].split("/")[0])
     unique_small = build_request(CHAT_PATH, small_body(unique=True))
-    direct, missed = paired((upstream_port, unique_small), (proxy_port, unique_small), seconds / 2, 1000)
-    added = p50(missed) - p50(direct)
+    relay_port, relay = services.relay(fast_upstream)
+    direct, missed, relayed = in_turn([(upstream_port, unique_small), (proxy_port, unique_small),
+                                       (relay_port, unique_small)], seconds / 2, 1000)
+    added, relay_added = p50(missed) - p50(direct), p50(relayed) - p50(direct)
     row("miss overhead: proxied minus direct upstream, p50", "<= 1.0 ms",
-        f"{ms(added)} ({ms(p50(missed))} vs {ms(p50(direct))})", added / 0.001, added <= 0.001)
+        f"{ms(added)} ({ms(p50(missed))} vs {ms(p50(direct))}); relay floor {ms(relay_added)}",
+        added / 0.001, added <= 0.001)
 
     big = build_request(CHAT_PATH, computer_use_body())
     print(f"computer-use request: {len(big) / 1024:.0f} KB", flush=True)
@@ -372,11 +387,14 @@ def run_scenarios(services: Services, tmp: Path, args) -> int:
     row("computer-use request (~400 KB) hit p50, concurrency 1", "<= 5 ms",
         ms(p50(big_hits)), p50(big_hits) / 0.005, p50(big_hits) <= 0.005)
     unique_big = build_request(CHAT_PATH, computer_use_body(unique=True))
-    big_direct, big_missed = paired((upstream_port, unique_big), (proxy_port, unique_big), seconds / 2, 300)
-    added = p50(big_missed) - p50(big_direct)
+    big_direct, big_missed, big_relayed = in_turn([(upstream_port, unique_big), (proxy_port, unique_big),
+                                                   (relay_port, unique_big)], seconds / 2, 300)
+    added, relay_added = p50(big_missed) - p50(big_direct), p50(big_relayed) - p50(big_direct)
     row("computer-use request as a miss: added over upstream, p50", "<= 5 ms",
-        f"{ms(added)} ({ms(p50(big_missed))} vs {ms(p50(big_direct))})", added / 0.005, added <= 0.005)
+        f"{ms(added)} ({ms(p50(big_missed))} vs {ms(p50(big_direct))}); relay floor {ms(relay_added)}",
+        added / 0.005, added <= 0.005)
     services.stop(proxy)
+    services.stop(relay)
 
     print(f"store of {args.rows:,} entries vs 1,000", flush=True)
     small_db, large_db = tmp / "thousand.sqlite3", tmp / "million.sqlite3"
@@ -415,10 +433,15 @@ def run_scenarios(services: Services, tmp: Path, args) -> int:
     wall, replies = burst(slow_port, raws, processes=procs, on_start=sample_memory)
     cpu = cpu_seconds(slow.pid) - cpu_before
     errors = sum(1 for reply in replies if reply[1] != 200)
+    direct_wall, _ = burst(int(slow_upstream.rsplit(":", 1)[1].split("/")[0]), raws, processes=procs)
+    slow_relay_port, slow_relay = services.relay(slow_upstream)
+    Connection(slow_relay_port).send(small)  # warm the workers
+    relay_wall, relay_replies = burst(slow_relay_port, raws, processes=procs)  # no cache: same bytes do
+    services.stop(slow_relay)
+    relay_errors = sum(1 for reply in relay_replies if reply[1] != 200)
     row("256 concurrent distinct requests, upstream 1 s, half streamed", "<= 1.5 s, no errors",
-        f"{wall:.2f} s, {errors} errors (proxy CPU {cpu:.2f} s)", wall / 1.5, wall <= 1.5 and errors == 0)
-    direct_wall, direct_replies = burst(int(slow_upstream.rsplit(":", 1)[1].split("/")[0]), raws,
-                                        processes=procs)
+        f"{wall:.2f} s, {errors} errors (proxy CPU {cpu:.2f} s); relay floor {relay_wall:.2f} s"
+        + (f" ({relay_errors} errors)" if relay_errors else ""), wall / 1.5, wall <= 1.5 and errors == 0)
     finished = sorted(reply[0] for reply in replies)
     first = min(finished)
     print(f"  answers arrived from {first - (max(finished) - wall):.2f} s to {wall:.2f} s after the start "
