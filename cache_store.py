@@ -27,6 +27,11 @@ class StoreError(Exception):
     """The store could not do what was asked; callers answer without the cache."""
 
 
+class StoreBusy(StoreError):
+    """Another write held the database longer than a caller that can do without the write
+    (stats catching up on counters) was willing to wait; nothing is wrong with the database."""
+
+
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # SQLITE_BUSY / SQLITE_LOCKED: another connection holds a lock; passing, not a broken database.
 _BUSY_ERROR_CODES = {5, 6}
@@ -522,9 +527,13 @@ class SQLiteStore:
         ``busy_timeout_ms`` waits less than usual for another writer (a caller that can do
         without the write, such as stats catching up on counters).
         """
+        # The same bound for this process's own writes (a group-commit batch can hold the lock
+        # for a whole burst's stores) as for another process's.
         db, generation = self._checkout()
         try:
-            with self._write_lock:
+            if not self._write_lock.acquire(timeout=-1 if busy_timeout_ms is None else busy_timeout_ms / 1000):
+                raise StoreBusy(f"another write of this process took longer than {busy_timeout_ms} ms")
+            try:
                 if self.on_write is not None:
                     self.on_write(db)
                 if busy_timeout_ms is None:
@@ -534,7 +543,11 @@ class SQLiteStore:
                     return self._transaction(db, statements)
                 finally:
                     db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            finally:
+                self._write_lock.release()
         except sqlite3.Error as exc:
+            if busy_timeout_ms is not None and getattr(exc, "sqlite_errorcode", None) in _BUSY_ERROR_CODES:
+                raise StoreBusy(f"another writer held the database longer than {busy_timeout_ms} ms") from exc
             self._report_error("write")
             raise StoreError(str(exc)) from exc
         finally:
@@ -922,7 +935,9 @@ class SQLiteStore:
         try:
             self._write(write, busy_timeout_ms)
         except StoreError as exc:
-            log.warning("could not write %d hit counters, will retry: %s", len(rows), exc)
+            # Busy is expected under load when the caller would not wait (stats): not worth a warning.
+            (log.debug if isinstance(exc, StoreBusy) else log.warning)(
+                "could not write %d hit counters, will retry: %s", len(rows), exc)
             with self._lock:
                 requests.merge(self._pending_requests)
                 self._pending_requests = requests

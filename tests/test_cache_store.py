@@ -392,6 +392,27 @@ def _store_with_a_held_first_write(path, **options):
     return store, transactions, entered, release
 
 
+def test_sqlite_store__stats_do_not_wait_behind_a_long_write_of_their_own_process(tmp_path):
+    """/healthz and /cache/stats call stats(): a group-commit batch holding the write lock (a
+    burst's stores, or a writer of another process ahead of it) must not hold them too. They
+    answer with the counters written so far, and the ones they could not write are kept."""
+    store, transactions, entered, release = _store_with_a_held_first_write(tmp_path / "c.sqlite3")
+    store.record_request("MISS", "test/model-a")  # a counter waiting to be written
+    results: dict = {}
+    threads = _queue_behind_a_held_write(store, [entry("held")], entered, results)
+    began = time.monotonic()
+    figures = store.stats()
+    waited = time.monotonic() - began
+    release.set()
+    threads[0].join(5)
+    assert waited < 1.0  # it waited STATS_FLUSH_WAIT_MS (0.1 s), not for the held write (5 s)
+    assert figures["entries"] == 0 and figures["misses"] == 0
+    assert results == {"held": "stored"}
+    after = store.stats()  # the counter it could not write is written now
+    assert after["entries"] == 1 and after["misses"] == 1
+    store.close()
+
+
 def test_sqlite_store__concurrent_stores_share_one_transaction(tmp_path):
     store, transactions, entered, release = _store_with_a_held_first_write(tmp_path / "c.sqlite3")
     results: dict = {}
