@@ -11,6 +11,7 @@ See ../shared/WIRE.md for the formats; the accumulation rules mirror the openai 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterator
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -440,7 +441,8 @@ class StreamCapture:
 
     def _accept(self, event: bytes) -> bytes | bool | None:
         """Record one event; True: relay as is, bytes: relay these instead, None: drop it."""
-        if event.startswith(b"data:") and b"\n" not in event and b"\r" not in event:
+        one_line = event.startswith(b"data:") and b"\n" not in event and b"\r" not in event
+        if one_line:
             data = event[5:].lstrip(b" ")  # the usual event: one data line (this runs per event)
         else:
             data_lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
@@ -470,6 +472,9 @@ class StreamCapture:
         if self.drop_usage_chunk and "usage" in chunk:
             if chunk.get("choices") == []:
                 return None
+            trimmed = _without_null_usage(event) if one_line and chunk["usage"] is None else None
+            if trimmed is not None:
+                return trimmed + b"\n\n"
             without_usage = {name: value for name, value in chunk.items() if name != "usage"}
             return sse_event(without_usage)
         return True
@@ -502,6 +507,24 @@ class StreamCapture:
         if self.failed or not self.done or self._buffer.strip() or not self.assembler.complete():
             return None
         return self.assembler.result()
+
+
+# A "usage": null member with the comma that joins it to its neighbour (before it, or after it
+# when it comes first); the lookahead keeps "null" from matching the start of a longer token.
+_ESCAPED_USAGE_LETTER = re.compile(rb"\\u00(?:7[35]|6[157])", re.IGNORECASE)  # u s a e g
+_NULL_USAGE_MEMBER = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
+
+
+def _without_null_usage(event: bytes) -> bytes | None:
+    """The event without its top-level ``"usage": null``, every other byte as the upstream sent
+    it (its spacing, number formats and escapes), which re-encoding would not keep; also far
+    cheaper than encoding every chunk again. None where the member cannot be told apart for
+    sure, and the caller re-encodes: "usage" written more than once (a nested key, or a value)
+    or a \\u escape of one of its letters (the top-level key could be the one written so)."""
+    if event.count(b'"usage"') != 1 or _ESCAPED_USAGE_LETTER.search(event):
+        return None
+    trimmed, found = _NULL_USAGE_MEMBER.subn(b"", event, count=1)
+    return trimmed if found else None
 
 
 def _is_whole_event(event: bytes) -> bool:

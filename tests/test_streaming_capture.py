@@ -44,7 +44,13 @@ def test_capture__every_event_shape_assembles_the_same_completion(shape, drop_us
     assert completion is not None
     assert completion["choices"][0]["message"]["content"] == "grüße 👋 done"
     assert completion["usage"]["total_tokens"] == 5
-    if drop_usage:  # re-encoded without usage; the usage-only chunk is dropped
+    if drop_usage and shape in ("one line", "no space"):
+        # The usage-only chunk is dropped; the others lose their "usage": null member and keep
+        # every other byte as the upstream wrote them (its spacing here).
+        expected = b"".join(frame.replace(b', "usage": null', b"") for frame in _frames(shape)[:3]) \
+            + b"data: [DONE]\n\n"
+        assert b'"usage"' not in expected and expected != b"".join(_frames(shape)[:3])
+    elif drop_usage:  # an event over several lines is re-encoded without usage
         expected = b"".join(
             b"data: " + json.dumps({k: v for k, v in chunk.items() if k != "usage"}, ensure_ascii=False,
                                    separators=(",", ":")).encode() + b"\n\n"
@@ -52,6 +58,31 @@ def test_capture__every_event_shape_assembles_the_same_completion(shape, drop_us
     else:  # relayed verbatim
         expected = b"".join(_frames(shape))
     assert relayed == expected
+
+
+@pytest.mark.parametrize("member_first", [False, True])
+def test_capture__dropping_usage_keeps_the_upstreams_own_bytes(member_first):
+    """Number formats, spacing and escapes a re-encoding would change stay as they came."""
+    usage = '"usage" : null'
+    rest = '"id": "c", "choices": [{"index": 0, "delta": {"content": "\\ud83d\\udc4b caf\\u00e9"}, ' \
+           '"logprobs": {"content": [{"token": "x", "logprob": -1E-5, "top_logprobs": []}]}, "finish_reason": null}]'
+    text = "{" + (f"{usage} , {rest}" if member_first else f"{rest} , {usage}") + "}"
+    capture = StreamCapture("chat", drop_usage_chunk=True)
+    relayed = capture.feed(f"data: {text}\n\n".encode())
+    assert relayed == ("data: {" + rest + "}\n\n").encode()
+    assert json.loads(relayed[6:]) == {k: v for k, v in json.loads(text).items() if k != "usage"}
+
+
+@pytest.mark.parametrize("text", [
+    '{"id": "c", "choices": [{"index": 0, "delta": {"content": "usage"}}], "usage": null}',  # a value
+    '{"id": "c", "choices": [{"index": 0, "delta": {}, "usage": null}], "usage": null}',  # nested
+    '{"id": "c", "choices": [{"index": 0, "delta": {"content": "\\u0075"}}], "usage": null}',  # "u" escaped
+])
+def test_capture__usage_that_cannot_be_cut_out_safely_is_re_encoded(text):
+    capture = StreamCapture("chat", drop_usage_chunk=True)
+    relayed = capture.feed(f"data: {text}\n\n".encode())
+    expected = {k: v for k, v in json.loads(text).items() if k != "usage"}
+    assert relayed == b"data: " + json.dumps(expected, separators=(",", ":")).encode() + b"\n\n"
 
 
 def test_capture__data_that_is_not_utf8_fails_the_capture_but_is_relayed():

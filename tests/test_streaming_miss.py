@@ -260,3 +260,30 @@ def test_stream_miss__done_without_a_final_blank_line_still_counts(proxy, fake_u
     response = http.post(proxy.url + "/v1/chat/completions", json=body)
     assert read_sse(response)[-1] == "[DONE]" and b'"error"' not in response.content
     assert http.post(proxy.url + "/v1/chat/completions", json={**body, "stream": False}).json() == completion
+
+
+def test_stream_miss__usage_the_proxy_asked_for_is_cut_out_leaving_the_upstreams_bytes(proxy, fake_upstream, http):
+    # A Python-served upstream writes spaced JSON with \u escapes; logprobs carry exponents.
+    # The proxy asked for usage on its own account: the client gets each event without its
+    # "usage": null member, every other byte as sent, and no usage chunk.
+    completion = chat_completion("héllo wörld", id="chatcmpl-bytes",
+                                 usage={"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9})
+    chunks = chunks_from_completion(completion, include_usage=True)
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            choice["logprobs"] = {"content": [{"token": "h", "logprob": -1e-05, "top_logprobs": []}]}
+    frames = [f"data: {json.dumps(chunk)}\n\n" for chunk in chunks]
+    fake_upstream.enqueue(sse_reply(frames))  # then data: [DONE]
+    body = chat_body("Say hello", stream=True)
+
+    miss = http.post(proxy.url + "/v1/chat/completions", json=body)
+
+    assert miss.headers["X-Computer-Use-Cache"] == "MISS"
+    expected = "".join(frame.replace(', "usage": null', "") for frame in frames
+                       if '"choices": []' not in frame) + "data: [DONE]\n\n"
+    assert miss.content == expected.encode()
+    assert b"\\u00e9" in miss.content and b"-1e-05" in miss.content and b'"usage"' not in miss.content
+    stored = http.post(proxy.url + "/v1/chat/completions", json={**body, "stream": False})
+    assert stored.headers["X-Computer-Use-Cache"] == "HIT"
+    assert stored.json()["usage"] == completion["usage"]
+    assert stored.json()["choices"][0]["message"]["content"] == "héllo wörld"
