@@ -88,8 +88,19 @@ def start_gunicorn(tmp_path, fake_upstream):
         server.terminate()
 
 
-def test_production_server__a_burst_across_workers_makes_one_upstream_call(start_gunicorn, fake_upstream):
-    server = start_gunicorn()
+# gunicorn's --preload (an operator's GUNICORN_CMD_ARGS) builds the app before the fork: nothing
+# may be opened there, or the workers would share the parent's SQLite and lock-file descriptors.
+PRELOAD = pytest.mark.parametrize("preload", [{}, {"GUNICORN_CMD_ARGS": "--preload --log-level debug"}],
+                                  ids=["", "preload"])
+
+
+def assert_preloaded_as_asked(server, preload: dict) -> None:
+    assert ("preload_app: True" in server.read_log()) == bool(preload)
+
+
+@PRELOAD
+def test_production_server__a_burst_across_workers_makes_one_upstream_call(start_gunicorn, fake_upstream, preload):
+    server = start_gunicorn(**preload)
     fake_upstream.default_delay = 0.8
 
     replies = post_all(server.url, [chat_body("one call for all")] * 40)
@@ -98,6 +109,7 @@ def test_production_server__a_burst_across_workers_makes_one_upstream_call(start
     assert len(fake_upstream.calls()) == 1
     assert len({reply.content for reply in replies}) == 1
     assert sum(reply.headers["X-Computer-Use-Cache"] == "MISS" for reply in replies) == 1
+    assert_preloaded_as_asked(server, preload)
 
 
 def test_production_server__a_streamed_follower_gets_a_replayed_stream(start_gunicorn, fake_upstream):
@@ -136,13 +148,15 @@ def test_production_server__a_stream_longer_than_the_worker_timeout_survives(sta
     assert requests.get(server.url + "/healthz", timeout=2).json()["cache"]["entries"] == 1
 
 
-def test_production_server__sigterm_writes_every_hit_count(start_gunicorn, fake_upstream, tmp_path):
-    server = start_gunicorn(CACHE_HIT_FLUSH_SECONDS="600")  # only the shutdown can write them
+@PRELOAD
+def test_production_server__sigterm_writes_every_hit_count(start_gunicorn, fake_upstream, tmp_path, preload):
+    server = start_gunicorn(CACHE_HIT_FLUSH_SECONDS="600", **preload)  # only the shutdown can write them
     body = chat_body("count me")
     with requests.Session() as session:
         for _ in range(6):  # one miss, five hits, right before the signal
             assert session.post(server.url + "/v1/chat/completions", json=body, timeout=5).ok
     post_all(server.url, [body] * 4)  # on fresh connections, likely in the other worker too
+    assert_preloaded_as_asked(server, preload)
 
     assert server.terminate() == 0
     with sqlite3.connect(tmp_path / "cache.sqlite3") as db:
