@@ -18,18 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from previews import prompt_preview
+from store_errors import StoreBusy, StoreError
 from store_schema import MIGRATIONS
 
 log = logging.getLogger("computer_use_cache.store")
-
-
-class StoreError(Exception):
-    """The store could not do what was asked; callers answer without the cache."""
-
-
-class StoreBusy(StoreError):
-    """Another write held the database longer than a caller that can do without the write
-    (stats catching up on counters) was willing to wait; nothing is wrong with the database."""
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
