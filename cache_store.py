@@ -5,6 +5,7 @@ The contract (``get``, ``put``, ``record_hit``, ``delete``, ``clear``, ``stats``
 contract tests. The table is the original server's ``completions`` table, so a database it wrote
 keeps serving hits; schema changes after that go through the numbered migrations
 (``store_schema.py``).
+Background maintenance is a mixin of ``SQLiteStore`` in ``store_maintenance.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 from previews import prompt_preview
 from store_errors import StoreBusy, StoreError
+from store_maintenance import ENTRY_SIZE_SQL, MAINTENANCE_BATCH, StoreMaintenance
 from store_schema import MIGRATIONS
 
 log = logging.getLogger("computer_use_cache.store")
@@ -177,26 +179,9 @@ class RequestTally:
         )
 
 
-# Rows deleted per write transaction by eviction and purging: short transactions let request
-# writes interleave, and readers (hits) are never blocked under WAL anyway.
-MAINTENANCE_BATCH = 500
-# Free pages handed back per incremental_vacuum step, for the same reason.
-VACUUM_BATCH_PAGES = 2000
 # expires_at of an entry stored with X-Cache-TTL: 0 (never expires, whatever the server's TTL):
 # the last second of year 9999, a finite number so exports stay plain JSON.
 NEVER_EXPIRES = 253402300799.0
-# Bytes of one entry, as the stored_bytes counter measures them.
-ENTRY_SIZE_SQL = "length(CAST(request_json AS BLOB)) + length(CAST(response_json AS BLOB))"
-
-
-@dataclass(frozen=True)
-class MaintenanceReport:
-    """What one maintenance pass did."""
-
-    purged: int = 0
-    evicted: int = 0
-    vacuumed_pages: int = 0
-    converted_to_incremental: bool = False
 
 
 def hit_rate(hits: int, misses: int) -> float | None:
@@ -248,7 +233,7 @@ _UPDATE_LIVE_SQL = (
 STATS_FLUSH_WAIT_MS = 100
 
 
-class SQLiteStore:
+class SQLiteStore(StoreMaintenance):
     """Cache entries in one SQLite file, shared safely by threads and worker processes.
 
     Lookups and writes take a connection from a pool per process, opened on first use (never
@@ -1025,188 +1010,7 @@ class SQLiteStore:
             log.debug("background checkpoint skipped: %s", exc)
 
 
-    # -- bounds, expiry and space: the background maintainer ---------------------------------
-
-    @property
-    def bounded(self) -> bool:
-        return bool(self.max_entries or self.max_bytes)
-
-    def _start_maintainer(self) -> None:
-        """One maintenance thread per process, started by the first lookup or store after fork."""
-        pid = os.getpid()
-        if self._maintainer_pid == pid:
-            return
-        if self.maintenance_seconds <= 0 and not self.bounded:
-            return
-        with self._lock:
-            if self._maintainer_pid == pid:
-                return
-            self._maintainer_pid = pid
-            self._maintainer_stop = threading.Event()
-            self._maintainer_wake = threading.Event()
-            thread = threading.Thread(
-                target=self._maintain_forever, args=(self._maintainer_stop, self._maintainer_wake),
-                name="cache-maintainer", daemon=True,
-            )
-            thread.start()
-
-    def _maintain_forever(self, stop: threading.Event, wake: threading.Event) -> None:
-        timeout = self.maintenance_seconds if self.maintenance_seconds > 0 else None
-        periodic = True  # the first pass runs at once: purge what expired while we were down
-        while not stop.is_set():
-            try:
-                self.maintain(purge=periodic, stop=stop)
-            except Exception:  # the next pass tries again
-                log.exception("cache maintenance failed")
-            woken = wake.wait(timeout)
-            wake.clear()
-            periodic = not woken
-
-    def maintain(self, *, purge: bool = True,
-                 stop: threading.Event | None = None) -> MaintenanceReport:
-        """Purge expired entries, evict over the bounds, hand free pages back to the file system.
-
-        Runs in the background thread (and from ``flask cache purge``); never on a request.
-        ``stop`` (set by ``close``) ends the work between two batches.
-        """
-        with self._maintenance_lock:
-            converted = self._ensure_incremental_vacuum() if purge else False
-            purged = self.purge_expired(stop) if purge else 0
-            evicted = self.evict(stop)
-            pages = self.vacuum() if (purged or evicted or converted or purge) else 0
-        return MaintenanceReport(purged, evicted, pages, converted)
-
-    def purge_expired(self, stop: threading.Event | None = None) -> int:
-        """Delete every expired entry, a batch per transaction; returns how many."""
-        now = self.clock()
-        if self.ttl_seconds > 0:
-            condition = ("(expires_at IS NOT NULL AND expires_at < ?) "
-                         "OR (expires_at IS NULL AND created_at < ?)")
-            params: tuple = (now, now - self.ttl_seconds)
-        else:
-            condition = "expires_at IS NOT NULL AND expires_at < ?"
-            params = (now,)
-        sql = (f"DELETE FROM completions WHERE rowid IN "
-               f"(SELECT rowid FROM completions WHERE {condition} LIMIT {MAINTENANCE_BATCH})")
-        total = 0
-        while True:
-            deleted = int(self._write(lambda db: db.execute(sql, params).rowcount))  # type: ignore[arg-type]
-            total += deleted
-            if deleted < MAINTENANCE_BATCH or (stop is not None and stop.is_set()):
-                return total
-
-    def evict(self, stop: threading.Event | None = None) -> int:
-        """Delete least-recently-used entries until both bounds hold; returns how many.
-
-        Recency is the last hit, else the last store. Hit counters held in memory are written
-        first so a fresh hit counts; another worker's unflushed hits (at most
-        CACHE_HIT_FLUSH_SECONDS old) cannot be seen.
-        """
-        if not self.bounded:
-            return 0
-        self.flush()
-        total = 0
-        while True:
-            deleted = int(self._write(self._evict_batch))  # type: ignore[arg-type]
-            total += deleted
-            if deleted == 0 or (stop is not None and stop.is_set()):
-                return total
-
-    def _evict_batch(self, db: sqlite3.Connection) -> int:
-        counters = dict(db.execute(
-            "SELECT name, value FROM cache_counters WHERE name IN ('entries', 'stored_bytes')"))
-        excess_entries = int(counters.get("entries", 0)) - self.max_entries if self.max_entries else 0
-        excess_bytes = int(counters.get("stored_bytes", 0)) - self.max_bytes if self.max_bytes else 0
-        if excess_entries <= 0 and excess_bytes <= 0:
-            return 0
-        rows = db.execute(
-            f"SELECT cache_key, {ENTRY_SIZE_SQL} FROM completions "
-            f"ORDER BY coalesce(last_hit_at, updated_at) LIMIT {MAINTENANCE_BATCH}"
-        ).fetchall()
-        victims = []
-        for key, size in rows:
-            if excess_entries <= 0 and excess_bytes <= 0:
-                break
-            victims.append((key,))
-            excess_entries -= 1
-            excess_bytes -= size
-        db.executemany("DELETE FROM completions WHERE cache_key = ?", victims)
-        return len(victims)
-
-    def vacuum(self) -> int:
-        """Hand free pages back to the file system (incremental vacuum); returns pages freed."""
-        freed = 0
-        try:
-            db = self._db()
-            while self._auto_vacuum_mode(db) == 2:
-                (free_pages,) = db.execute("PRAGMA freelist_count").fetchone()
-                if not free_pages:
-                    break
-                # BEGIN IMMEDIATE: wait for the write lock like every other write instead of
-                # failing at once; executescript steps the pragma to the end (execute() would
-                # free a single page).
-                try:
-                    db.executescript(
-                        f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({VACUUM_BATCH_PAGES}); COMMIT;")
-                except BaseException:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
-                    raise
-                (left,) = db.execute("PRAGMA freelist_count").fetchone()
-                if left >= free_pages:
-                    break
-                freed += free_pages - left
-            # Every pass, not only after freeing pages: a checkpoint that a reader held back
-            # last time finishes now. PASSIVE never waits for readers or writers; it copies the
-            # WAL back and, when it gets to the end, truncates the database file to its new size.
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from exc
-        return freed
-
-    @staticmethod
-    def _auto_vacuum_mode(db: sqlite3.Connection) -> int:
-        # A connection caches the mode from the file header and refreshes it when a transaction
-        # reads the header; read first so a conversion made by another connection is seen.
-        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        (mode,) = db.execute("PRAGMA auto_vacuum").fetchone()
-        return int(mode)
-
-    def auto_vacuum_mode(self) -> int:
-        """0 none, 1 full, 2 incremental (what ``maintain`` switches every database to)."""
-        try:
-            return self._auto_vacuum_mode(self._db())
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from exc
-
-    def _ensure_incremental_vacuum(self) -> bool:
-        """A database made without incremental auto-vacuum (the original server's) gets it.
-
-        Setting the mode on a file that already holds tables only takes effect through a VACUUM,
-        which rewrites the file in one transaction: atomic (a crash leaves the old file), but it
-        needs free disk space of about the file's size and holds the write lock while it runs.
-        It runs once, here in the background; ``flask cache purge`` can do it ahead of time.
-        """
-        try:
-            db = self._db()
-            if self._auto_vacuum_mode(db) == 2:
-                return False
-            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            db.execute("VACUUM")
-            converted = self._auto_vacuum_mode(db) == 2
-        except sqlite3.Error as exc:
-            log.warning("could not switch the cache database to incremental vacuum: %s", exc)
-            return False
-        log.info("cache database switched to incremental auto-vacuum")
-        return converted
-
     # -- browsing, export and import ---------------------------------------------------------
-
-    def db_file_bytes(self) -> int:
-        try:
-            return os.path.getsize(self.path)
-        except OSError:
-            return 0
 
     def list_entries(self, *, limit: int = 50, after: tuple[float, str] | None = None,
                      model: str | None = None, namespace: Any = ...) -> list[dict]:
