@@ -5,7 +5,8 @@ The contract (``get``, ``put``, ``record_hit``, ``delete``, ``clear``, ``stats``
 contract tests. The table is the original server's ``completions`` table, so a database it wrote
 keeps serving hits; schema changes after that go through the numbered migrations
 (``store_schema.py``).
-Background maintenance is a mixin of ``SQLiteStore`` in ``store_maintenance.py``.
+Background maintenance (``store_maintenance.py``) and browsing and export (``store_browsing.py``)
+are mixins of ``SQLiteStore``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable
 
-from previews import prompt_preview
+from store_browsing import StoreBrowsing
+from store_browsing import TopEntry as TopEntry  # the dashboard imports it from here
 from store_errors import StoreBusy, StoreError
-from store_maintenance import ENTRY_SIZE_SQL, MAINTENANCE_BATCH, StoreMaintenance
+from store_maintenance import StoreMaintenance
 from store_schema import MIGRATIONS
 
 log = logging.getLogger("computer_use_cache.store")
@@ -62,23 +64,6 @@ class NewEntry:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     upstream_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class TopEntry:
-    """One of the most-hit entries, for the dashboard."""
-
-    key: str
-    model: str
-    request_json: str
-    hits: int
-    created_at: float
-    last_hit_at: float | None
-    size_bytes: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    upstream_seconds: float
 
 
 REQUEST_STATUSES = ("HIT", "MISS", "BYPASS")
@@ -233,7 +218,7 @@ _UPDATE_LIVE_SQL = (
 STATS_FLUSH_WAIT_MS = 100
 
 
-class SQLiteStore(StoreMaintenance):
+class SQLiteStore(StoreMaintenance, StoreBrowsing):
     """Cache entries in one SQLite file, shared safely by threads and worker processes.
 
     Lookups and writes take a connection from a pool per process, opened on first use (never
@@ -860,22 +845,6 @@ class SQLiteStore(StoreMaintenance):
             ],
         }
 
-    def top_entries(self, limit: int = 10) -> list[TopEntry]:
-        """The most-hit entries, read through the index on hits (no table scan)."""
-        self.flush()
-        try:
-            rows = self._db().execute(
-                "SELECT cache_key, model, request_json, hits, created_at, last_hit_at, "
-                "length(CAST(request_json AS BLOB)) + length(CAST(response_json AS BLOB)), "
-                "prompt_tokens, completion_tokens, cost_usd, upstream_seconds "
-                "FROM completions INDEXED BY idx_completions_hits ORDER BY hits DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        except sqlite3.Error as exc:
-            self._report_error("read")
-            raise StoreError(str(exc)) from exc
-        return [TopEntry(*row) for row in rows]
-
     def flush(self, busy_timeout_ms: int | None = None) -> None:
         """Write the hit and request counters gathered in memory, in one transaction.
 
@@ -1010,113 +979,6 @@ class SQLiteStore(StoreMaintenance):
             log.debug("background checkpoint skipped: %s", exc)
 
 
-    # -- browsing, export and import ---------------------------------------------------------
-
-    def list_entries(self, *, limit: int = 50, after: tuple[float, str] | None = None,
-                     model: str | None = None, namespace: Any = ...) -> list[dict]:
-        """Entries newest first (by last store), ``limit`` of them after the ``after`` position.
-
-        ``namespace``: ``...`` for any, None for the default key space, or a name.
-        """
-        self.flush()
-        where, params = [], []
-        if after is not None:
-            where.append("(updated_at < ? OR (updated_at = ? AND cache_key < ?))")
-            params += [after[0], after[0], after[1]]
-        if model is not None:
-            where.append("model = ?")
-            params.append(model)
-        if namespace is None:
-            where.append("namespace IS NULL")
-        elif namespace is not ...:
-            where.append("namespace = ?")
-            params.append(namespace)
-        sql = (f"SELECT {_ENTRY_COLUMNS}, request_json FROM completions "
-               f"{'WHERE ' + ' AND '.join(where) if where else ''} "
-               f"ORDER BY updated_at DESC, cache_key DESC LIMIT ?")
-        params.append(int(limit))
-        try:
-            rows = self._db().execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from exc
-        items = []
-        for row in rows:
-            item = self._entry_summary(row)
-            item["prompt"] = prompt_preview(row[-1], limit=80)
-            items.append(item)
-        return items
-
-    def entry(self, key: str) -> dict | None:
-        """One entry with its stored request and response texts, or None."""
-        self.flush()
-        try:
-            row = self._db().execute(
-                f"SELECT {_ENTRY_COLUMNS}, request_json, response_json FROM completions "
-                f"WHERE cache_key = ?", (key,)).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from exc
-        if row is None:
-            return None
-        item = self._entry_summary(row)
-        item["request_json"], item["response_json"] = row[-2], row[-1]
-        return item
-
-    def _entry_summary(self, row: tuple) -> dict:
-        (key, mode, model, namespace, created_at, updated_at, last_hit_at, hits, size,
-         expires_at) = row[:10]
-        return {
-            "key": key, "mode": mode, "model": model, "namespace": namespace,
-            "created_at": created_at, "updated_at": updated_at, "last_hit_at": last_hit_at,
-            "hits": hits, "size": size, "expires_at": self.expiry_time(created_at, expires_at),
-            "expired": self.is_expired(created_at, None, expires_at),
-        }
-
-    def export_rows(self, batch: int = MAINTENANCE_BATCH) -> Iterator[dict]:
-        """Every entry with the fields an import needs, in insertion order, a page at a time."""
-        self.flush()
-        last_rowid = -1
-        while True:
-            try:
-                rows = self._db().execute(
-                    "SELECT rowid, cache_key, mode, model, namespace, request_json, response_json, "
-                    "created_at, updated_at, expires_at FROM completions WHERE rowid > ? "
-                    "ORDER BY rowid LIMIT ?", (last_rowid, batch)).fetchall()
-            except sqlite3.Error as exc:
-                raise StoreError(str(exc)) from exc
-            if not rows:
-                return
-            for row in rows:
-                last_rowid = row[0]
-                yield dict(zip(("key", "mode", "model", "namespace", "request_json",
-                                "response_json", "created_at", "updated_at", "expires_at"), row[1:]))
-
-    def insert_new(self, records: list[dict]) -> int:
-        """Insert entries whose key is absent; an existing entry is never touched.
-
-        Returns how many were inserted. Imported entries start with no hits of their own here.
-        """
-        rows = [(r["key"], r["mode"], r["model"], r["namespace"], r["request_json"],
-                 r["response_json"], r["created_at"], r["updated_at"], r["expires_at"])
-                for r in records]
-        return int(self._write(lambda db: db.executemany(  # type: ignore[arg-type]
-            "INSERT OR IGNORE INTO completions(cache_key, mode, model, namespace, request_json, "
-            "response_json, created_at, updated_at, expires_at, last_hit_at, hits) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0)", rows).rowcount))
-
-    def entry_count(self) -> int:
-        try:
-            (value,) = self._db().execute(
-                "SELECT coalesce(max(value), 0) FROM cache_counters WHERE name = 'entries'"
-            ).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from exc
-        return int(value)
-
-
-_ENTRY_COLUMNS = (
-    "cache_key, mode, model, namespace, created_at, updated_at, last_hit_at, hits, "
-    f"{ENTRY_SIZE_SQL}, expires_at"
-)
 def _rollback(db: sqlite3.Connection) -> None:
     """Roll back if a transaction is still open: SQLite has already rolled back after errors
     such as SQLITE_FULL, and a second ROLLBACK would hide the real error behind its own."""
