@@ -145,8 +145,7 @@ class StoreBrowsing:
         self.flush()
         try:
             rows = self._db().execute(
-                "SELECT cache_key, model, request_json, hits, created_at, last_hit_at, "
-                "length(CAST(request_json AS BLOB)) + length(CAST(response_json AS BLOB)), "
+                f"SELECT cache_key, model, request_json, hits, created_at, last_hit_at, {ENTRY_SIZE_SQL}, "
                 "prompt_tokens, completion_tokens, cost_usd, upstream_seconds "
                 "FROM completions INDEXED BY idx_completions_hits ORDER BY hits DESC LIMIT ?",
                 (limit,),
