@@ -491,6 +491,7 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
         """
         # The same bound for this process's own writes (a group-commit batch can hold the lock
         # for a whole burst's stores) as for another process's.
+        began = time.monotonic()
         db, generation = self._checkout()
         try:
             if not self._write_lock.acquire(timeout=-1 if busy_timeout_ms is None else busy_timeout_ms / 1000):
@@ -500,7 +501,8 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
                     self.on_write(db)
                 if busy_timeout_ms is None:
                     return self._transaction(db, statements)
-                db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+                # One wait in all: what the lock took comes off what SQLite may wait.
+                db.execute(f"PRAGMA busy_timeout={_left_of(busy_timeout_ms, began)}")
                 try:
                     return self._transaction(db, statements)
                 finally:
@@ -854,10 +856,11 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
         # One flush at a time: a caller that needs the counters written (eviction ranks entries
         # by their last hit) must not find the pending batch empty while another flush holds
         # it, not yet written.
+        began = time.monotonic()
         if not self._flush_lock.acquire(timeout=-1 if busy_timeout_ms is None else busy_timeout_ms / 1000):
             return
         try:
-            self._flush_pending(busy_timeout_ms)
+            self._flush_pending(_left_of(busy_timeout_ms, began))
         finally:
             self._flush_lock.release()
 
@@ -977,6 +980,13 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
             self._db().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except (sqlite3.Error, StoreError) as exc:
             log.debug("background checkpoint skipped: %s", exc)
+
+
+def _left_of(wait_ms: int | None, began: float) -> int | None:
+    """What is left of a wait of ``wait_ms`` begun at ``began`` (at least 1 ms; None: no limit)."""
+    if wait_ms is None:
+        return None
+    return max(1, int(wait_ms - (time.monotonic() - began) * 1000))
 
 
 def _rollback(db: sqlite3.Connection) -> None:

@@ -452,12 +452,10 @@ class StreamCapture:
         if data.strip() == b"[DONE]":
             self.done = True
             return True
+        # What json.loads does with bytes that open an object (UTF-8), minus its detection.
+        utf8 = data[:1] == b"{" and data[1:2] != b"\x00"
         try:
-            # What json.loads does with bytes that open an object (UTF-8), minus its detection.
-            if data[:1] == b"{" and data[1:2] != b"\x00":
-                chunk = _DECODER.decode(data.decode("utf-8", "surrogatepass"))
-            else:
-                chunk = json.loads(data)
+            chunk = _DECODER.decode(data.decode("utf-8", "surrogatepass")) if utf8 else json.loads(data)
         except ValueError:
             self.failed = True
             return True
@@ -472,7 +470,9 @@ class StreamCapture:
         if self.drop_usage_chunk and "usage" in chunk:
             if chunk.get("choices") == []:
                 return None
-            trimmed = _without_null_usage(event) if one_line and chunk["usage"] is None else None
+            # Cut only text read as UTF-8: in UTF-16 or -32 (json.loads reads those too) the
+            # bytes of '"usage"' could belong to other characters.
+            trimmed = _without_null_usage(event) if one_line and utf8 and chunk["usage"] is None else None
             if trimmed is not None:
                 return trimmed + b"\n\n"
             without_usage = {name: value for name, value in chunk.items() if name != "usage"}

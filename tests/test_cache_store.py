@@ -15,6 +15,7 @@ import time
 import pytest
 
 from cache_store import CHECKPOINT_AFTER_BYTES, MAX_BATCH_BYTES, WAL_SIZE_LIMIT_BYTES
+import cache_store
 from cache_store import NewEntry, SQLiteStore, StoreError
 from helpers import FakeClock, holds_in_forked_child
 from store_schema import MIGRATIONS
@@ -411,6 +412,33 @@ def test_sqlite_store__stats_do_not_wait_behind_a_long_write_of_their_own_proces
     after = store.stats()  # the counter it could not write is written now
     assert after["entries"] == 1 and after["misses"] == 1
     store.close()
+
+
+def test_sqlite_store__stats_wait_once_in_all_not_once_per_lock(tmp_path, monkeypatch):
+    """The flush lock (another flush in progress), the write lock and SQLite's busy wait share
+    the one STATS_FLUSH_WAIT_MS: stats never wait that long two or three times over."""
+    monkeypatch.setattr(cache_store, "STATS_FLUSH_WAIT_MS", 400)
+    store, transactions, entered, release = _store_with_a_held_first_write(tmp_path / "c.sqlite3")
+    store.record_request("MISS", "test/model-a")
+    results: dict = {}
+    threads = _queue_behind_a_held_write(store, [entry("held")], entered, results)
+    flushing = threading.Thread(target=_hold_for, args=(store._flush_lock, 0.3))
+    flushing.start()
+    time.sleep(0.05)  # the other "flush" has the flush lock
+    began = time.monotonic()
+    store.stats()
+    waited = time.monotonic() - began
+    release.set()
+    threads[0].join(5)
+    flushing.join(5)
+    assert waited < 0.6  # 0.4 s in all, not 0.25 s for the flush lock and then 0.4 s more
+    assert store.stats()["misses"] == 1
+    store.close()
+
+
+def _hold_for(lock: threading.Lock, seconds: float) -> None:
+    with lock:
+        time.sleep(seconds)
 
 
 def test_sqlite_store__concurrent_stores_share_one_transaction(tmp_path):

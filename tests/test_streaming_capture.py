@@ -85,6 +85,15 @@ def test_capture__usage_that_cannot_be_cut_out_safely_is_re_encoded(text):
     assert relayed == b"data: " + json.dumps(expected, separators=(",", ":")).encode() + b"\n\n"
 
 
+def test_capture__usage_in_utf16_data_is_re_encoded_not_cut():
+    # Characters whose UTF-16 bytes spell '"usage": null,' must not be cut out of a string.
+    tricky = "".join(map(chr, (0x7522, 0x6173, 0x6567, 0x3A22, 0x6E20, 0x6C75, 0x2C6C))) + "A"
+    chunk = {"id": tricky, "choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": None}
+    capture = StreamCapture("chat", drop_usage_chunk=True)
+    relayed = capture.feed(b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-16-le") + b"\n\n")
+    assert json.loads(relayed[6:]) == {"id": tricky, "choices": chunk["choices"]}
+
+
 def test_capture__data_that_is_not_utf8_fails_the_capture_but_is_relayed():
     capture = StreamCapture("chat")
     frame = b'data: {"id": "\xff"}\n\n'
