@@ -509,16 +509,16 @@ class StreamCapture:
         return self.assembler.result()
 
 
+_ESCAPED_USAGE_LETTER = re.compile(rb"\\u00(?:7[35]|6[157])", re.IGNORECASE)  # u s a e g
 # A "usage": null member with the comma that joins it to its neighbour (before it, or after it
 # when it comes first); the lookahead keeps "null" from matching the start of a longer token.
-_ESCAPED_USAGE_LETTER = re.compile(rb"\\u00(?:7[35]|6[157])", re.IGNORECASE)  # u s a e g
 _NULL_USAGE_MEMBER = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
 
 
 def _without_null_usage(event: bytes) -> bytes | None:
     """The event without its top-level ``"usage": null``, every other byte as the upstream sent
-    it (its spacing, number formats and escapes), which re-encoding would not keep; also far
-    cheaper than encoding every chunk again. None where the member cannot be told apart for
+    it (its spacing, number formats and escapes), which re-encoding would not keep; and cheaper
+    than encoding every chunk again. None where the member cannot be told apart for
     sure, and the caller re-encodes: "usage" written more than once (a nested key, or a value)
     or a \\u escape of one of its letters (the top-level key could be the one written so)."""
     if event.count(b'"usage"') != 1 or _ESCAPED_USAGE_LETTER.search(event):
