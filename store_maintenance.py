@@ -37,7 +37,7 @@ class MaintenanceReport:
 class StoreMaintenance:
     """SQLiteStore's background maintainer, as a mixin: it relies on the store's settings
     (``ttl_seconds``, ``max_entries``, ``max_bytes``, ``maintenance_seconds``), its locks and
-    its ``_db``, ``_write`` and ``flush``."""
+    its ``_db``, ``_write`` and ``flush``, and its hits not yet written (``_pending_hits``)."""
 
     @property
     def bounded(self) -> bool:
@@ -135,10 +135,16 @@ class StoreMaintenance:
             f"SELECT cache_key, {ENTRY_SIZE_SQL} FROM completions "
             f"ORDER BY coalesce(last_hit_at, updated_at) LIMIT {MAINTENANCE_BATCH}"
         ).fetchall()
+        # Hit since the flush that ``evict`` began with: the most recently used, whatever the
+        # table says yet.
+        with self._lock:
+            hit_meanwhile = set(self._pending_hits)
         victims = []
         for key, size in rows:
             if excess_entries <= 0 and excess_bytes <= 0:
                 break
+            if key in hit_meanwhile:
+                continue
             victims.append((key,))
             excess_entries -= 1
             excess_bytes -= size

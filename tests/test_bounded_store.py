@@ -53,6 +53,26 @@ def test_eviction__least_recently_used_go_first_and_recent_hits_survive(start_cl
     assert len(fake_upstream.calls()) == 5
 
 
+def test_eviction__an_entry_hit_after_the_evictions_flush_is_not_taken_for_the_oldest(tmp_path, clock):
+    """Eviction writes the hit counters first, then deletes; a hit that lands in between (a busy
+    worker) is still only in memory, and its entry must not go as if it had never been hit."""
+    armed: list[str] = []
+
+    def hit_just_before_the_delete(db) -> None:
+        if armed:
+            store.record_hit(armed.pop())
+
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), max_entries=2, maintenance_seconds=0,
+                        hit_flush_seconds=0, clock=clock, on_write=hit_just_before_the_delete)
+    for key in ("A", "B", "C"):  # A is the oldest store, but about to be hit
+        store.put(NewEntry(key, "chat", "m", "{}", '{"id": "x"}'))
+        clock.advance(1)
+    armed.append("A")
+    assert store.evict() == 1
+    assert store.get("A") is not None and store.get("B") is None
+    store.close()
+
+
 def test_eviction__fill_far_beyond_the_bound(start_clocked_proxy, clock):
     server = start_clocked_proxy(cache_max_entries=5)
     for number in range(20):
