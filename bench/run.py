@@ -261,12 +261,6 @@ def sequential(port: int, raw: bytes, seconds: float, quota: int) -> list[float]
     return run_load(port, raw, connections=1, duration=seconds, quota=quota).latencies
 
 
-def paired(first: tuple[int, bytes], second: tuple[int, bytes], seconds: float,
-           quota: int) -> tuple[list[float], list[float]]:
-    """Latencies of two servers asked in turn (see ``in_turn``)."""
-    return in_turn([first, second], seconds, quota)
-
-
 def in_turn(sides: list[tuple[int, bytes]], seconds: float, quota: int) -> tuple[list[float], ...]:
     """Latencies of several servers asked in turn, one request at a time, on one keep-alive
     connection each: whatever else the machine is doing falls on all alike, so their ratios
@@ -354,7 +348,7 @@ def run_scenarios(services: Services, tmp: Path, args) -> int:
     row("cache-hit throughput, 16 connections, ~1.3 KB prompt", ">= 0.8x floor",
         f"{hits.throughput:.0f} req/s (floor {floor16.throughput:.0f})", ratio,
         ratio >= 0.8 and hits.errors == 0)
-    floor_c1, hit_c1 = paired(floor_side, proxy_side, seconds / 2, 2000)
+    floor_c1, hit_c1 = in_turn([floor_side, proxy_side], seconds / 2, 2000)
     ratio = p50(hit_c1) / p50(floor_c1)
     row("cache-hit latency p50, concurrency 1", "<= 1.3x floor",
         f"{ms(p50(hit_c1))} (floor {ms(p50(floor_c1))})", ratio, ratio <= 1.3)
@@ -364,7 +358,7 @@ def run_scenarios(services: Services, tmp: Path, args) -> int:
 
     streamed = build_request(CHAT_PATH, small_body(stream=True))
     Connection(proxy_port).send(streamed)
-    floor_c1, stream_c1 = paired(floor_side, (proxy_port, streamed), seconds / 2, 2000)
+    floor_c1, stream_c1 = in_turn([floor_side, (proxy_port, streamed)], seconds / 2, 2000)
     ratio = p50(stream_c1) / p50(floor_c1)
     row("streamed hit, time to last byte p50", "<= 1.5x floor plain",
         f"{ms(p50(stream_c1))} (floor {ms(p50(floor_c1))})", ratio, ratio <= 1.5)
@@ -404,7 +398,7 @@ def run_scenarios(services: Services, tmp: Path, args) -> int:
     print(f"  filled in {time.monotonic() - filled:.1f} s", flush=True)
     small_port, small_proxy = services.proxy(fast_upstream, small_db)
     large_port, large_proxy = services.proxy(fast_upstream, large_db)
-    few, many = paired((small_port, small), (large_port, small), seconds / 2, 2000)
+    few, many = in_turn([(small_port, small), (large_port, small)], seconds / 2, 2000)
     figures = {"small": p50(few), "large": p50(many)}
     health = p50(sequential(large_port, get_request("/healthz"), 1.0, 300))
     stats = p50(sequential(large_port, get_request("/cache/stats"), 1.0, 300))
