@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from array import array
 from dataclasses import dataclass
 from itertools import accumulate
@@ -109,6 +110,59 @@ def _at_most_brackets(data: bytes, limit: int) -> bool:
     return True
 
 
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff, hex digits in either case). Only such an
+# escape can put a surrogate into a parsed body (strict UTF-8 decoding refuses encoded ones); a
+# high one followed by a low one decodes to a single character, any other is left alone.
+_SURROGATE_ESCAPE = re.compile(rb"(?i)\\ud[89a-f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def lone_surrogate_path(value: Any) -> str | None:
+    """Where a parsed JSON value holds a lone surrogate, in a string or a key, as a path like
+    ``messages[0].content`` (a key is shown as its JSON string: ``metadata["\\ud800"]``); None when
+    it holds none. Such text cannot be encoded as UTF-8: not stored, counted or sent anywhere."""
+    steps = _surrogate_steps(value)
+    if steps is None:
+        return None
+    path = ""
+    for step in reversed(steps):
+        if isinstance(step, int):
+            path += f"[{step}]"
+        elif _PLAIN_NAME.fullmatch(step):
+            path += f".{step}" if path else step
+        else:
+            path += f"[{json.dumps(step)}]"
+    return path
+
+
+def _surrogate_steps(value: Any) -> list[str | int] | None:
+    """The keys and indexes leading to the first lone surrogate, innermost first (so no path is
+    built for the many values that hold none); None when there is none. Nesting is bounded by
+    MAX_JSON_DEPTH, checked before parsing."""
+    if isinstance(value, str):
+        return [] if _holds_surrogate(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _holds_surrogate(key):
+                return [key]
+            steps = _surrogate_steps(item)
+            if steps is not None:
+                steps.append(key)
+                return steps
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            steps = _surrogate_steps(item)
+            if steps is not None:
+                steps.append(index)
+                return steps
+    return None
+
+
+def _holds_surrogate(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
 class _NonFinite(ValueError):
     """NaN/Infinity: Python's json reads them, JSON and the upstream do not."""
 
@@ -133,7 +187,10 @@ def parse_request_json(data: bytes) -> dict[str, Any]:
 
     Strict where Python's json is lenient: UTF-8 only, no NaN/Infinity (nor numbers that
     overflow to them), nesting at most MAX_JSON_DEPTH, checked before parsing: the parser
-    recurses once per level on the C stack, and a worker thread's stack may be small.
+    recurses once per level on the C stack, and a worker thread's stack may be small. No lone
+    surrogate (``"\\ud800"`` without its pair): text that is not Unicode cannot be stored,
+    counted or logged, and providers refuse it too; the body is walked only when its bytes hold
+    a surrogate escape, so a screenshot-sized body costs one regex scan.
     """
     if not data.strip():
         raise InvalidRequest("Request body must be JSON.", code="invalid_json")
@@ -153,6 +210,13 @@ def parse_request_json(data: bytes) -> dict[str, Any]:
         raise InvalidRequest("Request body must be JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object.", code="invalid_json")
+    first_backslash = data.find(b"\\")  # a memchr: most bodies hold no escape at all
+    if first_backslash >= 0 and _SURROGATE_ESCAPE.search(data, first_backslash):
+        path = lone_surrogate_path(body)
+        if path is not None:
+            raise InvalidRequest(
+                f"Request body must be Unicode text: {path} holds a lone UTF-16 surrogate (a "
+                "\\ud800-\\udfff escape without its pair).", param=path, code="invalid_json")
     return body
 
 

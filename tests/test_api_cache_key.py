@@ -132,17 +132,21 @@ def test_key__completion_prompt_and_suffix_matter(proxy, fake_upstream, http):
 
 
 @pytest.mark.parametrize("metadata", [False, True], ids=["plain", "with-metadata"])
-def test_key__lone_surrogate_in_the_request_is_cached(start_proxy, fake_upstream, http, metadata):
-    # Valid JSON, but "\ud800" alone is not encodable as UTF-8: it must neither crash nor corrupt.
+def test_key__surrogate_escapes_are_cached_in_pairs_and_refused_alone(start_proxy, fake_upstream, http,
+                                                                     metadata):
+    # A pair decodes to one character (cached like any other); a lone one is not Unicode text,
+    # which providers refuse and SQLite cannot hold: 400 at the edge (tests/test_hostile_input.py).
     proxy = start_proxy(include_cache_metadata=metadata)
-    raw = '{"model":"test/model-a","messages":[{"role":"user","content":"x\\ud800 \\\\\\udfff"}]}'
+    raw = '{"model":"test/model-a","messages":[{"role":"user","content":"x\\uD83D\\ude00 \\\\ud800"}]}'
+    lone = raw.replace("\\ude00", "")
+    assert post_raw(http, proxy, lone).json()["error"]["param"] == "messages[0].content"
     first = post_raw(http, proxy, raw)
     second = post_raw(http, proxy, raw)
     assert (first.status_code, second.status_code) == (200, 200)
     assert (first.headers["X-Computer-Use-Cache"], second.headers["X-Computer-Use-Cache"]) == ("MISS", "HIT")
     assert first.headers["X-Computer-Use-Cache-Store"] == "stored"
     assert second.json()["choices"] == first.json()["choices"]
-    assert second.json()["choices"][0]["message"]["content"] == "echo: x\ud800 \\\udfff"
+    assert second.json()["choices"][0]["message"]["content"] == "echo: x\U0001F600 \\ud800"
     assert len(fake_upstream.calls()) == 1
     [(request_json,)] = sqlite_rows(proxy, "SELECT request_json FROM completions")
     stored = json.loads(request_json)
