@@ -112,6 +112,7 @@ class RequestTally:
 
     def add(self, at: float, route: str, status: str, model: str, key: str | None, seconds: float,
             coalesced: bool) -> None:
+        model = storable_text(model)  # client text: counted under its escape if it must be
         pair = (model, status)
         self.by_model_status[pair] = self.by_model_status.get(pair, 0) + 1
         if coalesced:
@@ -131,7 +132,9 @@ class RequestTally:
             self.timeline[bucket] = self.timeline.get(bucket, 0) + count
         self.recent = (self.recent + other.recent)[-RECENT_REQUESTS_KEPT:]
 
-    def write(self, db: sqlite3.Connection, now: float) -> None:
+    def write(self, db: sqlite3.Connection, now: float, one_by_one: bool = False) -> int:
+        """Add the counts to the database; returns how many rows were left out (``one_by_one``:
+        see ``write_rows``)."""
         misses = sum(n for (_, status), n in self.by_model_status.items() if status == "MISS")
         bypasses = sum(n for (_, status), n in self.by_model_status.items() if status == "BYPASS")
         db.executemany(
@@ -139,13 +142,15 @@ class RequestTally:
             [(misses, "misses"), (bypasses, "bypasses"), (sum(self.coalesced.values()), "coalesced")],
         )
         models = {model for model, _ in self.by_model_status} | set(self.coalesced)
-        db.executemany(
+        left_out = write_rows(
+            db,
             """INSERT INTO model_stats(model, misses, bypasses, coalesced) VALUES (?, ?, ?, ?)
                ON CONFLICT(model) DO UPDATE SET misses = misses + excluded.misses,
                    bypasses = bypasses + excluded.bypasses, coalesced = coalesced + excluded.coalesced""",
             [(model, self.by_model_status.get((model, "MISS"), 0),
               self.by_model_status.get((model, "BYPASS"), 0), self.coalesced.get(model, 0))
              for model in models],
+            one_by_one,
         )
         db.executemany(
             """INSERT INTO request_timeline(bucket, status, requests) VALUES (?, ?, ?)
@@ -153,15 +158,55 @@ class RequestTally:
             [(bucket, status, count) for (bucket, status), count in self.timeline.items()],
         )
         db.execute("DELETE FROM request_timeline WHERE bucket < ?", (now - TIMELINE_KEEP_SECONDS,))
-        db.executemany(
+        left_out += write_rows(
+            db,
             "INSERT INTO recent_requests(at, route, status, model, cache_key, seconds, coalesced) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             self.recent,
+            one_by_one,
         )
         db.execute(
             "DELETE FROM recent_requests WHERE id <= (SELECT max(id) FROM recent_requests) - ?",
             (RECENT_REQUESTS_KEPT,),
         )
+        return left_out
+
+
+def storable_text(text: str) -> str:
+    """Text SQLite can hold: a lone surrogate (UTF-8 cannot encode one) becomes its escape,
+    ``\\ud800``. The edge refuses such text in requests (wire.parse_request_json); counters
+    and labels still never trust that."""
+    if not isinstance(text, str) or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# What binding a value SQLite cannot take raises: text with a lone surrogate (UnicodeEncodeError),
+# an int past 64 bits (OverflowError), a type it does not know (ProgrammingError).
+_UNBINDABLE = (ValueError, OverflowError, TypeError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
+
+
+def unbindable(exc: BaseException) -> bool:
+    """The error came from a value SQLite cannot take (the row's fault, not the database's)."""
+    if isinstance(exc, StoreError):
+        exc = exc.__cause__  # type: ignore[assignment]
+    return isinstance(exc, _UNBINDABLE)
+
+
+def write_rows(db: sqlite3.Connection, sql: str, rows: list[tuple], one_by_one: bool) -> int:
+    """``executemany``, or, once a batch failed on a value SQLite cannot take, each row on its
+    own, leaving out only the rows that fail (a value fails while it is bound, before its row's
+    statement runs, so nothing of a left-out row is written); returns how many were left out."""
+    if not one_by_one:
+        db.executemany(sql, rows)
+        return 0
+    left_out = 0
+    for row in rows:
+        try:
+            db.execute(sql, row)
+        except _UNBINDABLE:
+            left_out += 1
+    return left_out
 
 
 # expires_at of an entry stored with X-Cache-TTL: 0 (never expires, whatever the server's TTL):
@@ -641,6 +686,9 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
                 except sqlite3.Error as exc:
                     self._report_error("write")
                     put.finish(error=_store_error(exc))
+                except _UNBINDABLE as exc:  # a StoreError like any write that failed: never a 500
+                    put.finish(error=StoreError(f"the entry holds a value SQLite cannot store "
+                                                f"({type(exc).__name__})"))
                 except Exception as exc:
                     put.finish(error=exc)
         finally:
@@ -873,16 +921,27 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
         rows = [(int(count), last_at, key) for key, (count, last_at) in batch.items()]
         now = self.clock()
 
-        def write(db: sqlite3.Connection) -> None:
-            db.executemany(
+        def write(db: sqlite3.Connection, one_by_one: bool = False) -> int:
+            left_out = write_rows(
+                db,
                 "UPDATE completions SET hits = hits + ?, "
                 "last_hit_at = max(coalesce(last_hit_at, 0), ?) WHERE cache_key = ?",
                 rows,
+                one_by_one,
             )
-            requests.write(db, now)
+            return left_out + requests.write(db, now, one_by_one)
 
         try:
-            self._write(write, busy_timeout_ms)
+            try:
+                self._write(write, busy_timeout_ms)
+            except Exception as exc:
+                if not unbindable(exc):
+                    raise
+                # One row SQLite cannot take must not cost every other counter (nor fail every
+                # later flush, and the routes that flush first): the rest are written without it.
+                left_out = self._write(lambda db: write(db, one_by_one=True), busy_timeout_ms)
+                log.warning("left out %s counter rows SQLite cannot store (%s)", left_out,
+                            type(exc.__cause__ if isinstance(exc, StoreError) else exc).__name__)
         except StoreError as exc:
             # Busy is expected under load when the caller would not wait (stats): not worth a warning.
             (log.debug if isinstance(exc, StoreBusy) else log.warning)(

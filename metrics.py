@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client import CONTENT_TYPE_LATEST, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from cache_store import SQLiteStore, StoreError
+from cache_store import SQLiteStore, StoreError, storable_text
 from config import Settings
 
 PREFIX = "computer_use_cache"
@@ -50,8 +50,8 @@ def usage_figures(completion: Any) -> dict[str, Any]:
 
 
 def model_label(model: Any) -> str:
-    """A request's model as counted in stats: client text, so bounded."""
-    return model[:200] if isinstance(model, str) and model else "unknown"
+    """A request's model as counted in stats: client text, so bounded, and storable."""
+    return storable_text(model[:200]) if isinstance(model, str) and model else "unknown"
 
 
 class RequestObserver:
