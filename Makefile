@@ -36,5 +36,11 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/run.py
 
+## 10,000 hostile requests against the production server (gunicorn, as `make run`, on a free port,
+## in front of the fake upstream); prints a status histogram. FUZZ_ARGS="--seed N" replays a run.
+.PHONY: fuzz
+fuzz: $(VENV)/.installed-dev
+	$(BIN)/python tests/hostile_requests.py --requests 10000 $(FUZZ_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -39,6 +39,7 @@ MODELS_LIST = {
 # Top-level completion fields that real providers repeat on every stream chunk.
 _REPEATED_CHUNK_FIELDS = ("system_fingerprint", "service_tier", "provider")
 _DONE_FRAME = b"data: [DONE]\n\n"
+MAX_CHOICES = 128  # the largest n a provider takes
 _POLL_INTERVAL = 0.05  # how often long waits look at the stop flag / the client socket
 
 
@@ -800,6 +801,9 @@ class FakeUpstream:
         request = record.json
         if not isinstance(request, dict):
             return error_reply(400, "Request body must be a JSON object", "invalid_request_error", delay=0.0)
+        if _choice_count(request) > MAX_CHOICES:  # as OpenAI refuses it: never a 10**300-choice answer
+            return error_reply(400, f"Invalid 'n': integer above maximum value. Expected a value <= "
+                               f"{MAX_CHOICES}.", "invalid_request_error", "integer_above_max_value", delay=0.0)
 
         call_number = self._next_call_number()
         if route == "/chat/completions":

@@ -422,8 +422,8 @@ def json_routes(routes: list[Route]) -> list[Route]:
 
 def sweep(routes: list[Route], rng: random.Random) -> Iterator[HostileRequest]:
     """Every method (its own and the others) on every route; a lone surrogate in every string and
-    key of every template, on every JSON route; every hostile value of every header once, on a
-    completion route and an admin route."""
+    key of every template, on every JSON route; every huge or non-finite number in each top-level
+    field; every hostile value of every header once, on a completion route and an admin route."""
     for route in routes:
         for method in sorted(set(route.methods) | set(EXTRA_METHODS)):
             yield _with_body(HostileRequest(method, _concrete(route.rule, rng), _json_headers(rng)), rng)
@@ -434,6 +434,12 @@ def sweep(routes: list[Route], rng: random.Random) -> Iterator[HostileRequest]:
             yield HostileRequest("POST", path, {"Content-Type": b"application/json"},
                                  dumps(with_marker(body, trail, is_key, rng), rng), "sweep_surrogate")
     completion_route = next((route.rule for route in json_routes(routes)), "/v1/chat/completions")
+    body = chat_template(random.Random(0))
+    for name in [*body, "n", "max_tokens", "temperature", "seed", "stream"]:
+        for token in HUGE_NUMBERS + NON_FINITE:
+            text = json.dumps({**body, name: MARKER}).replace(json.dumps(MARKER), token.decode())
+            yield HostileRequest("POST", completion_route, {"Content-Type": b"application/json"},
+                                 text.encode(), "sweep_number")
     for name, values in HEADER_VALUES.items():
         for value in values:
             for path in (completion_route, "/cache/stats"):
