@@ -500,6 +500,7 @@ def hostile_requests(routes: list[Route], count: int, seed: int) -> list[Hostile
 class FuzzReport:
     requests: int = 0
     statuses: Counter = field(default_factory=Counter)
+    cache_statuses: Counter = field(default_factory=Counter)  # X-Computer-Use-Cache of the 200s
     problems: list[str] = field(default_factory=list)
     slowest: float = 0.0
     seconds: float = 0.0
@@ -507,6 +508,7 @@ class FuzzReport:
     def histogram(self) -> str:
         lines = [f"{self.requests} requests in {self.seconds:.1f} s, slowest answer {self.slowest:.2f} s"]
         lines += [f"  {status}: {count}" for status, count in sorted(self.statuses.items(), key=lambda i: str(i[0]))]
+        lines.append("  cache: " + ", ".join(f"{status} {count}" for status, count in sorted(self.cache_statuses.items())))
         return "\n".join(lines)
 
 
@@ -576,6 +578,8 @@ def run(base_url: str, hostile: list[HostileRequest], threads: int = 4) -> FuzzR
                 elapsed = time.monotonic() - started
                 with lock:
                     report.statuses[outcome] += 1
+                    if outcome == 200 and "X-Computer-Use-Cache" in response.headers:
+                        report.cache_statuses[response.headers["X-Computer-Use-Cache"]] += 1
                     report.slowest = max(report.slowest, elapsed)
                     if problem is not None:
                         report.problems.append(f"{problem} <- {_describe(item)}")

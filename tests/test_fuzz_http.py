@@ -31,6 +31,7 @@ def test_fuzz__hostile_requests_on_every_route_get_no_5xx_and_no_hang(start_prox
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
     # The fuzz reached every kind of answer it is meant to: refusals, and real misses and hits.
     assert {200, 400, 404, 405} <= set(report.statuses), report.histogram()
+    assert {"HIT", "MISS", "BYPASS"} <= set(report.cache_statuses), report.histogram()
     assert len(fake_upstream.requests) > 100
 
 
