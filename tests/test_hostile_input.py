@@ -79,6 +79,8 @@ def test_surrogate__a_bad_model_never_blocks_stats_entries_or_metrics(start_prox
     ('{"model":"m","messages":[{"role":"user","content":"x"}],"\\ud800":1}', '["\\ud800"]'),
     ('{"model":"m","messages":[{"role":"user","content":"x"}],"metadata":{"a b":"\\ud800\\u0041"}}',
      'metadata["a b"]'),
+    # Past 64 escapes the bytes are searched by a regex instead of escape by escape.
+    ('{"model":"m","messages":[{"role":"user","content":"' + "\\n" * 100 + '\\udbff"}]}', "messages[0].content"),
 ])
 def test_surrogate__the_error_names_the_field(text, param):
     with pytest.raises(InvalidRequest) as refused:
@@ -92,6 +94,7 @@ def test_surrogate__the_error_names_the_field(text, param):
     '{"model":"m","messages":[{"role":"user","content":"\\uD83D\\uDE00 and \\uD800\\uDC00"}]}',
     '{"model":"m","messages":[{"role":"user","content":"a literal \\\\ud800, not an escape"}]}',
     '{"model":"m","messages":[{"role":"user","content":"\\u00e9\\u4e2d"}],"\\ud83d\\ude00":1}',
+    '{"model":"m","messages":[{"role":"user","content":"' + "\\n" * 100 + '\\\\ud800 \\uD83D\\uDE00"}]}',
 ])
 def test_surrogate__pairs_and_lookalikes_are_accepted(text):
     assert parse_request_json(text.encode()) == json.loads(text)
