@@ -23,6 +23,7 @@ from flask.cli import AppGroup
 
 from cache_policy import canonical_json, hash_canonical, valid_namespace
 from cache_store import SQLiteStore, StoreError
+from wire import lone_surrogate_path
 
 EXTENSION = "computer_use_cache"
 IMPORT_BATCH = 500
@@ -266,6 +267,9 @@ def record_from_line(raw: bytes | str) -> dict:
         raise ValueError(f"not JSON ({exc})") from None
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
+    unstorable = lone_surrogate_path(record)
+    if unstorable is not None:
+        raise ValueError(f"{unstorable} holds a lone UTF-16 surrogate, which cannot be stored")
     key = _text(record, "key")
     if not _KEY.fullmatch(key):
         raise ValueError("key must be 64 lowercase hex characters")
@@ -285,6 +289,10 @@ def record_from_line(raw: bytes | str) -> dict:
         raise ValueError("request_json and response_json must hold JSON") from None
     if not isinstance(request, dict) or request.pop("cache_key", None) != key:
         raise ValueError("request_json must be an object carrying the same cache_key")
+    unstorable = lone_surrogate_path(request)
+    if unstorable is not None:  # cached before such requests were refused; never served now
+        raise ValueError(f"request_json holds a lone UTF-16 surrogate at {unstorable}: such a "
+                         "request is refused with a 400, so its entry would never be served")
     if request.get("mode") != mode or str(request.get("model")) != model:
         raise ValueError("mode/model do not match request_json")
     canonical = canonical_json(request)

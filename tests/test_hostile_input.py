@@ -165,3 +165,31 @@ def test_metrics__model_label_is_always_storable_text():
     assert model_label("x\ud800y") == "x\\ud800y"
     assert model_label("東京") == "東京"
     assert model_label(42) == "unknown"
+
+
+def test_cli_import__a_line_with_a_lone_surrogate_is_reported_and_the_rest_imported(start_proxy, http,
+                                                                                    tmp_path):
+    # The version before this refusal cached such requests (escaped), so its exports hold them.
+    from cache_policy import canonical_json, hash_canonical
+    from test_cli import flask_cache, good_lines
+
+    request = {"mode": "chat", "model": "test/model-a", "messages": [{"role": "user", "content": "x\ud800"}]}
+    canonical = canonical_json(request)
+    key = hash_canonical(canonical)
+    old = {"key": key, "mode": "chat", "model": "test/model-a", "namespace": None,
+           # Stored as its JSON escape (the old proxy's _storable), exported as such.
+           "request_json": (canonical[:-1] + f',"cache_key":"{key}"}}').encode("utf-8", "backslashreplace").decode(),
+           "response_json": json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "choices": []}),
+           "created_at": 1.0, "updated_at": 1.0, "expires_at": None}
+    raw = {**old, "model": "test/model-a\udfff"}  # a hand-made line: the surrogate in the line itself
+    source = tmp_path / "old.jsonl"
+    lines = [json.dumps(old), json.dumps(raw), good_lines(http, start_proxy(), tmp_path)[0]]
+    source.write_text("\n".join(lines) + "\n")
+
+    result = flask_cache("import", str(source), db_path=str(tmp_path / "target.sqlite3"))
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "line 1: request_json holds a lone UTF-16 surrogate at messages[0].content" in result.stderr
+    assert "line 2: model holds a lone UTF-16 surrogate" in result.stderr
+    assert "imported 1, already present 0, invalid 2" in result.stderr
