@@ -144,16 +144,23 @@ def strings_of(value: Any, trail: tuple = ()) -> Iterator[tuple[tuple, bool]]:
 
 def with_marker(value: Any, trail: tuple, is_key: bool, rng: random.Random) -> Any:
     """A copy of value whose string (or key) at trail holds MARKER."""
-    value = json.loads(json.dumps(value))
-    *parents, last = trail
-    holder = value
-    for step in parents:
-        holder = holder[step]
+    value, holder, last = _copy_at(value, trail)
     if is_key:
         holder[_marked(last, rng)] = holder.pop(last)
     else:
         holder[last] = _marked(holder[last], rng)
     return value
+
+
+def _copy_at(value: Any, trail: tuple) -> tuple[Any, Any, Any]:
+    """A deep copy of value, the dict or list in it that holds the item at trail, and the
+    item's key or index there."""
+    value = json.loads(json.dumps(value))
+    *parents, last = trail
+    holder = value
+    for step in parents:
+        holder = holder[step]
+    return value, holder, last
 
 
 def _marked(text: str, rng: random.Random) -> str:
@@ -192,11 +199,7 @@ def _replace_somewhere(value: Any, rng: random.Random, new: Any) -> Any:
     trail = rng.choice(places + containers) if places + containers else ()
     if not trail:
         return new
-    value = json.loads(json.dumps(value))
-    *parents, last = trail
-    holder = value
-    for step in parents:
-        holder = holder[step]
+    value, holder, last = _copy_at(value, trail)
     holder[last] = new
     return value
 
