@@ -75,6 +75,10 @@ backlog = 2048
 # gunicorn's own access log stays off: it would repeat raw request lines (query strings may carry
 # keys). The app writes one clean line per request to the computer_use_cache.access logger.
 accesslog = None
+# No gunicornc control socket: nothing here uses it, and gunicorn would make it in $HOME/.gunicorn,
+# which the Docker image's user may not write (an error line at every start), and which every
+# instance started by one user would share.
+control_socket_disable = True
 
 
 def post_worker_init(worker):
