@@ -216,7 +216,8 @@ def fill_database(path: Path, rows: int, hit_body: bytes) -> None:
                                "finish_reason": "stop"}]})
     db = sqlite3.connect(path)
     # Made the way the store makes a new file, so the steady state is measured, not the one-time
-    # conversion of an original-server file to incremental auto-vacuum (README, "Managing the store").
+    # conversion of an original-server file to incremental auto-vacuum (docs/operations.md,
+    # "Bounds, expiry and space").
     db.execute("PRAGMA auto_vacuum=INCREMENTAL")
     store_schema.MIGRATIONS[0][2](db)  # the original table; the store migrates it on open
     now = time.time()
