@@ -283,7 +283,7 @@ def as_image_user_command(command: list[str]) -> list[str]:
     The venv's interpreter may live where that user cannot look (pyenv under /root, mode 0700):
     the command keeps the one capability to read and search any file (never to write one), so
     what the app may write is exactly what the image's user may. Whether the image's user can
-    read the app's files is checked from their modes instead (readable_by_others)."""
+    read the app's files is checked from their modes instead (not_readable_by_others)."""
     setpriv = shutil.which("setpriv")
     assert setpriv, "setpriv (Debian's util-linux) is needed to start the image's CMD as its user"
     return [setpriv, f"--reuid={IMAGE_UID}", f"--regid={IMAGE_UID}", "--clear-groups",
