@@ -317,6 +317,9 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
         self._queue: list[_QueuedPut] = []
         self._queue_lock = threading.Lock()
         self._pending_hits: dict[str, list[float]] = {}
+        # The batch a flush has taken out of _pending_hits and not yet committed: eviction must
+        # count these hits too, though they are in neither memory's batch nor the table yet.
+        self._hits_in_flight: dict[str, list[float]] = {}
         self._pending_requests = RequestTally()
         # Told the operation name whenever the database fails (the metrics count store errors).
         self.on_error: Callable[[str], None] | None = None
@@ -917,6 +920,7 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
             if not self._pending_hits and not self._pending_requests:
                 return
             batch, self._pending_hits = self._pending_hits, {}
+            self._hits_in_flight = batch
             requests, self._pending_requests = self._pending_requests, RequestTally()
         rows = [(int(count), last_at, key) for key, (count, last_at) in batch.items()]
         now = self.clock()
@@ -953,6 +957,9 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
                     pending = self._pending_hits.setdefault(key, [0, last_at])
                     pending[0] += count
                     pending[1] = max(pending[1], last_at)
+        finally:
+            with self._lock:
+                self._hits_in_flight = {}
 
     def close(self) -> None:
         """Flush pending hits and close this process's connections (graceful shutdown)."""

@@ -1,6 +1,6 @@
 """Production gunicorn settings, read by `make run` and the Docker image.
 
-gthread workers, chosen by measurement (README, "Performance and deployment"): each worker
+gthread workers, chosen by measurement (docs/performance.md): each worker
 process runs a pool of threads, so hundreds of slow upstream calls and long streams are held at
 once while cache hits stay as cheap as a plain Flask reply. The worker ``timeout`` is a heartbeat
 of the worker's main loop, which keeps beating while its threads serve requests, so a healthy
@@ -33,7 +33,7 @@ if _own_metrics_dir:
 # buffers: body, parse, canonical form, forwarded body, SQLite's copy) on every step. Keeping
 # buffers up to 4 MiB in the heap and trimming only past 16 MiB took a 400 KB miss from ~11 ms to
 # ~7 ms over the upstream's time, with no change in the memory held during a 256-call burst
-# (README, "Performance and deployment"). Set before the fork, so every worker inherits it.
+# (docs/performance.md). Set before the fork, so every worker inherits it.
 MALLOC_MMAP_THRESHOLD_BYTES = 4 << 20
 MALLOC_TRIM_THRESHOLD_BYTES = 16 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameter numbers (malloc.h)
@@ -57,8 +57,8 @@ malloc_tuned = tune_malloc()
 # Hundreds of threads per worker take turns on the GIL; at Python's default 5 ms a busy thread is
 # asked to hand over ten times as often, and each hand-over in a burst costs more than it saves:
 # in the 256-call burst (median of 6 each) the proxy's CPU fell from 1.7 s to 1.3 s and the wall
-# time from 2.0 s to 1.76 s with 50 ms (README). Threads still hand over at once whenever they
-# wait on a socket or SQLite, which is most of the time. Set before the fork, as above.
+# time from 2.0 s to 1.76 s with 50 ms (docs/performance.md). Threads still hand over at once
+# whenever they wait on a socket or SQLite, which is most of the time. Set before the fork, as above.
 GIL_SWITCH_INTERVAL_SECONDS = 0.05
 sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
 
@@ -75,6 +75,10 @@ backlog = 2048
 # gunicorn's own access log stays off: it would repeat raw request lines (query strings may carry
 # keys). The app writes one clean line per request to the computer_use_cache.access logger.
 accesslog = None
+# No gunicornc control socket: nothing here uses it, and gunicorn would make it in $HOME/.gunicorn,
+# which the Docker image's user may not write (an error line at every start), and which every
+# instance started by one user would share.
+control_socket_disable = True
 
 
 def post_worker_init(worker):

@@ -37,7 +37,8 @@ class MaintenanceReport:
 class StoreMaintenance:
     """SQLiteStore's background maintainer, as a mixin: it relies on the store's settings
     (``ttl_seconds``, ``max_entries``, ``max_bytes``, ``maintenance_seconds``), its locks and
-    its ``_db``, ``_write`` and ``flush``, and its hits not yet written (``_pending_hits``)."""
+    its ``_db``, ``_write`` and ``flush``, and its hits not yet written (``_pending_hits``,
+    ``_hits_in_flight``)."""
 
     @property
     def bounded(self) -> bool:
@@ -135,10 +136,10 @@ class StoreMaintenance:
             f"SELECT cache_key, {ENTRY_SIZE_SQL} FROM completions "
             f"ORDER BY coalesce(last_hit_at, updated_at) LIMIT {MAINTENANCE_BATCH}"
         ).fetchall()
-        # Hit since the flush that ``evict`` began with: the most recently used, whatever the
-        # table says yet.
+        # Hit since the flush that ``evict`` began with, or taken by a flush that waits for this
+        # write to finish: the most recently used, whatever the table says yet.
         with self._lock:
-            hit_meanwhile = set(self._pending_hits)
+            hit_meanwhile = set(self._pending_hits) | set(self._hits_in_flight)
         victims = []
         for key, size in rows:
             if excess_entries <= 0 and excess_bytes <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 
 import requests
@@ -53,6 +54,18 @@ def test_eviction__least_recently_used_go_first_and_recent_hits_survive(start_cl
     assert len(fake_upstream.calls()) == 5
 
 
+def filled_then_bounded(tmp_path, clock, on_write) -> SQLiteStore:
+    """A store holding A, B, C (A the oldest) and bounded to two entries, whose eviction only the
+    test runs: filled while unbounded, no background maintainer or flusher was started."""
+    store = SQLiteStore(str(tmp_path / "c.sqlite3"), maintenance_seconds=0, hit_flush_seconds=0,
+                        clock=clock, on_write=on_write)
+    for key in ("A", "B", "C"):
+        store.put(NewEntry(key, "chat", "m", "{}", '{"id": "x"}'))
+        clock.advance(1)
+    store.max_entries = 2
+    return store
+
+
 def test_eviction__an_entry_hit_after_the_evictions_flush_is_not_taken_for_the_oldest(tmp_path, clock):
     """Eviction writes the hit counters first, then deletes; a hit that lands in between (a busy
     worker) is still only in memory, and its entry must not go as if it had never been hit."""
@@ -62,14 +75,36 @@ def test_eviction__an_entry_hit_after_the_evictions_flush_is_not_taken_for_the_o
         if armed:
             store.record_hit(armed.pop())
 
-    store = SQLiteStore(str(tmp_path / "c.sqlite3"), max_entries=2, maintenance_seconds=0,
-                        hit_flush_seconds=0, clock=clock, on_write=hit_just_before_the_delete)
-    for key in ("A", "B", "C"):  # A is the oldest store, but about to be hit
-        store.put(NewEntry(key, "chat", "m", "{}", '{"id": "x"}'))
-        clock.advance(1)
+    store = filled_then_bounded(tmp_path, clock, hit_just_before_the_delete)
     armed.append("A")
     assert store.evict() == 1
     assert store.get("A") is not None and store.get("B") is None
+    store.close()
+
+
+def test_eviction__an_entry_whose_hit_another_flush_is_still_writing_is_not_taken_for_the_oldest(
+        tmp_path, clock):
+    """A flush (the background flusher's) can have taken a hit out of memory and be waiting for
+    the write lock while eviction picks its victims: that hit is in neither the table nor memory
+    yet, and must count all the same."""
+    armed: list[str] = []
+    flushes: list[threading.Thread] = []
+
+    def flush_waiting_behind_the_evictions_write(db) -> None:
+        if not armed:
+            return
+        store.record_hit(armed.pop())
+        flushes.append(threading.Thread(target=store.flush))
+        flushes[0].start()
+        # It has taken the hit out of memory; now it waits for this write's lock.
+        assert wait_until(lambda: not store._pending_hits)
+
+    store = filled_then_bounded(tmp_path, clock, flush_waiting_behind_the_evictions_write)
+    armed.append("A")
+    assert store.evict() == 1
+    flushes[0].join(timeout=10)
+    assert store.get("B") is None
+    assert store.get("A").hits == 1
     store.close()
 
 

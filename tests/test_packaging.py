@@ -1,11 +1,10 @@
-"""The ways the product is started for real: the Docker image's CMD (from the venv) and
-`python server.py`. Each one serves a MISS then a HIT against the fake upstream and stops cleanly."""
+"""The ways the product is started for real: `python server.py` here, the Docker image's CMD in
+test_docker_image.py (with these helpers). Each serves a MISS then a HIT against the fake upstream
+and stops cleanly."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import socket
 import sqlite3
@@ -21,24 +20,6 @@ from conftest import ROOT
 from helpers import chat_body
 
 VENV_BIN = ROOT / ".venv" / "bin"
-
-
-def dockerfile_cmd() -> list[str]:
-    """The exec-form CMD of the Dockerfile, as the container would run it."""
-    text = (ROOT / "Dockerfile").read_text()
-    match = re.search(r"^CMD\s+(\[.*\])\s*$", text, re.MULTILINE)
-    assert match, "the Dockerfile must have an exec-form CMD"
-    return json.loads(match.group(1))
-
-
-def dockerfile_env() -> dict[str, str]:
-    """The ENV of the Dockerfile (KEY=VALUE pairs, possibly continued over lines)."""
-    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    env = {}
-    for line in text.splitlines():
-        if line.startswith("ENV "):
-            env.update(re.findall(r"(\w+)=(\S+)", line))
-    return env
 
 
 def free_port() -> int:
@@ -76,6 +57,20 @@ def miss_then_hit(url: str, fake_upstream) -> None:
     assert len(fake_upstream.calls()) == 1
 
 
+def stop_with_sigterm(process: subprocess.Popen) -> str:
+    """Stop the server as `docker stop` does; it must exit cleanly. Returns its stderr."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    return stderr
+
+
 def run_until_sigterm(command: list[str], env: dict[str, str], fake_upstream) -> str:
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
@@ -83,28 +78,10 @@ def run_until_sigterm(command: list[str], env: dict[str, str], fake_upstream) ->
         url = f"http://127.0.0.1:{env['PORT']}"
         wait_healthy(url, process)
         miss_then_hit(url, fake_upstream)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=20)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0, stderr
+        stderr = stop_with_sigterm(process)
     assert "Traceback" not in stderr
     return stderr
-
-
-def test_dockerfile_cmd__starts_from_the_venv_and_serves(fake_upstream, tmp_path):
-    command = dockerfile_cmd()
-    assert command[0] == "gunicorn"
-    command[0] = str(VENV_BIN / "gunicorn")
-    image_env = dockerfile_env()
-    assert image_env["CACHE_DB_PATH"] == "/data/code_model_cache.sqlite3"
-    env = clean_env(**{**image_env, "HOST": "127.0.0.1", "PORT": str(free_port()),
-                       "CACHE_DB_PATH": str(tmp_path / "cache.sqlite3"),
-                       "UPSTREAM_BASE_URL": fake_upstream.base_url})
-    run_until_sigterm(command, env, fake_upstream)
-    assert stored_hits(tmp_path / "cache.sqlite3") == 1
 
 
 def stored_hits(path) -> int:
@@ -121,10 +98,3 @@ def test_python_server_py__starts_and_serves(fake_upstream, tmp_path):
                     UPSTREAM_BASE_URL=fake_upstream.base_url)
     run_until_sigterm([sys.executable, "server.py"], env, fake_upstream)
     assert stored_hits(tmp_path / "cache.sqlite3") == 1
-
-
-def test_dockerfile__runs_as_non_root_with_a_data_volume():
-    text = (ROOT / "Dockerfile").read_text()
-    assert text.startswith("FROM python:3.11-slim")
-    assert re.search(r"^USER\s+(?!root\b|0\b)\S+", text, re.MULTILINE)
-    assert 'VOLUME ["/data"]' in text
