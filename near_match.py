@@ -13,6 +13,8 @@ CACHE_SCREENSHOT_TOLERANCE of its area changed; the closest candidate wins.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,14 +31,23 @@ _UNREADABLE = "unreadable"  # remembered for an image Pillow could not read
 
 
 class NearRequest:
-    """One request in near mode: its group, and its screenshots' fingerprints when first needed."""
+    """One request in near mode: its group and its screenshots' fingerprints, each worked out
+    when first needed (an exact hit needs neither)."""
 
-    def __init__(self, matcher: "NearMatcher", group: str, payloads: list[tuple[str, str]]):
+    def __init__(self, matcher: "NearMatcher", make_group: Callable[[], str],
+                 payloads: list[tuple[str, str]]):
         self.matcher = matcher
-        self.group = group
+        self._make_group = make_group
+        self._group: str | None = None
         self._payloads = payloads
         self._prints: list[ScreenPrint] | None = None
         self._made = False
+
+    @property
+    def group(self) -> str:
+        if self._group is None:
+            self._group = self._make_group()
+        return self._group
 
     def prints(self) -> list[ScreenPrint] | None:
         """Each image's fingerprint, or None when any cannot be read (no near matching then)."""
@@ -59,21 +70,36 @@ class NearMatcher:
         self.settings = settings
         self.store = store
         self._prints = RecentItems(256)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid: int | None = None
+        self._pool_lock = threading.Lock()
+
+    def _decoders(self) -> ThreadPoolExecutor:
+        """Threads that decode a request's new screenshots side by side (decoding releases the
+        GIL), made on first use in each process: threads do not survive a fork."""
+        with self._pool_lock:
+            if self._pool_pid != os.getpid():
+                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="screen-decoder")
+                self._pool_pid = os.getpid()
+            return self._pool  # type: ignore[return-value]
 
     def request(self, endpoint: Any, body: Mapping[str, Any], decision: Decision,
                 partition: str | None) -> NearRequest:
         """The near view of a request whose exact key is ``decision.key``."""
-        ids: dict[str, str] = {}
-        changes: list[tuple[Any, Any, Any]] = []
-        for slot in endpoint.tool_call_ids(body):
-            number = ids.setdefault(slot.holder[slot.key], f"<tool-call-{len(ids) + 1}>")
-            changes.append((slot.holder, slot.key, number))
         images = [(slot, found) for slot in decision.images
                   if (found := slot_payload(slot)) is not None]
-        # Only images that are compared by what they show are blanked; any other stays as text.
-        changes += [(slot.holder, slot.key, IMAGE_PLACEHOLDER) for slot, _ in images]
-        normalised = canonical_request(self.settings, endpoint.mode, body, changes=changes)
-        group = hash_canonical("near\n" + normalised, partition, decision.namespace)
+
+        def group() -> str:
+            ids: dict[str, str] = {}
+            changes: list[tuple[Any, Any, Any]] = []
+            for slot in endpoint.tool_call_ids(body):
+                number = ids.setdefault(slot.holder[slot.key], f"<tool-call-{len(ids) + 1}>")
+                changes.append((slot.holder, slot.key, number))
+            # Only images compared by what they show are blanked; any other stays as text.
+            changes += [(slot.holder, slot.key, IMAGE_PLACEHOLDER) for slot, _ in images]
+            normalised = canonical_request(self.settings, endpoint.mode, body, changes=changes)
+            return hash_canonical("near\n" + normalised, partition, decision.namespace)
+
         return NearRequest(self, group, [found for _, found in images])
 
     def prints_of(self, payloads: Sequence[tuple[str, str]]) -> list[ScreenPrint] | None:
@@ -83,7 +109,8 @@ class NearMatcher:
         digests = [hashlib.sha256(data).digest() for data in images]  # type: ignore[arg-type]
         prints = [self._prints.get(digest) for digest in digests]
         missing = [index for index, found in enumerate(prints) if found is None]
-        made = _in_parallel(screen_print, [images[index] for index in missing])
+        new = [images[index] for index in missing]
+        made = list(self._decoders().map(screen_print, new)) if len(new) > 1 else list(map(screen_print, new))
         for index, made_print in zip(missing, made):
             prints[index] = made_print if made_print is not None else _UNREADABLE
             self._prints.put(digests[index], prints[index])
@@ -121,11 +148,3 @@ class NearMatcher:
             if entry is not None:
                 return entry
         return None
-
-
-def _in_parallel(work: Callable[[bytes], ScreenPrint | None], items: list[bytes]) -> list:
-    """Decoding releases the GIL: a request's new screenshots are read side by side."""
-    if len(items) < 2:
-        return [work(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(len(items), 4)) as pool:
-        return list(pool.map(work, items))

@@ -120,3 +120,186 @@ def test_screenshots__bare_string_image_url_counts_as_an_image(start_proxy, http
     assert reply.headers["X-Computer-Use-Cache"] == "MISS"
     entry = http.get(proxy.url + f"/cache/entries/{reply.headers['X-Computer-Use-Cache-Key']}").json()
     assert '"image_sha256"' in json.dumps(entry["request"])
+
+
+# -- near matching (CACHE_MATCH=near / X-Cache-Match: near) --------------------------------------
+
+def screen_urls(fmt: str = "PNG", **change) -> list[str]:
+    """The three screenshots of agent_body, drawn again with ``change`` (clock=..., dialog=...)."""
+    return [screens.data_url(screens.desktop(step, **change), fmt) for step in range(3)]
+
+
+def tool_reply(call_id: str, step: int = 2, stream: bool = False):
+    answer = screens.tool_call_answer(step, call_id, f"chatcmpl-{call_id}")
+    if stream:
+        return sse_reply(chunks_from_completion(answer, include_usage=True))
+    return json_reply(answer)
+
+
+def near_proxy(start_proxy, **overrides):
+    return start_proxy(cache_match="near", **overrides)
+
+
+def test_near__clock_change_hits_in_near_mode_and_misses_in_exact_mode(start_proxy, http, fake_upstream):
+    exact = start_proxy()
+    ticked = screens.agent_request(screen_urls(clock="10:58"), CALLS)
+    assert post(http, exact, agent_body()).headers["X-Computer-Use-Cache"] == "MISS"
+    assert post(http, exact, ticked).headers["X-Computer-Use-Cache"] == "MISS"
+
+    near = near_proxy(start_proxy, cache_db_path=str(exact.store.path) + ".near")
+    fake_upstream.enqueue(tool_reply("call_stored"))
+    stored = post(http, near, agent_body())
+    calls_before = len(fake_upstream.calls())
+    again = post(http, near, ticked)
+
+    assert stored.headers["X-Computer-Use-Cache"] == "MISS"
+    assert again.headers["X-Computer-Use-Cache"] == "HIT"
+    assert again.headers["X-Computer-Use-Cache-Match"] == "near"
+    assert again.headers["X-Computer-Use-Cache-Key"] == stored.headers["X-Computer-Use-Cache-Key"]
+    assert again.content == stored.content
+    assert len(fake_upstream.calls()) == calls_before
+    assert "X-Computer-Use-Cache-Match" in again.headers["Access-Control-Expose-Headers"]
+
+
+@pytest.mark.parametrize("change", [{"highlight": True}, {"dialog": True}])
+def test_near__a_change_of_one_percent_or_more_misses(start_proxy, http, change):
+    proxy = near_proxy(start_proxy)
+    post(http, proxy, agent_body())
+    changed = screens.agent_request(URLS[:2] + [screens.data_url(screens.desktop(2, **change))], CALLS)
+    reply = post(http, proxy, changed)
+    assert reply.headers["X-Computer-Use-Cache"] == "MISS"
+
+
+def test_near__re_encoded_screenshots_hit(start_proxy, http):
+    proxy = near_proxy(start_proxy)
+    stored = post(http, proxy, agent_body())
+    reply = post(http, proxy, screens.agent_request(screen_urls("JPEG", clock="10:44"), CALLS))
+    assert (reply.headers["X-Computer-Use-Cache"], reply.headers["X-Computer-Use-Cache-Match"]) == ("HIT", "near")
+    assert reply.content == stored.content
+
+
+def test_near__different_tool_call_ids_hit(start_proxy, http, fake_upstream):
+    proxy = near_proxy(start_proxy)
+    stored = post(http, proxy, agent_body())
+    other_ids = screens.agent_request(URLS, ["call_zzz999", "call_yyy888"])
+    reply = post(http, proxy, other_ids)
+    assert reply.headers["X-Computer-Use-Cache-Match"] == "near" and reply.content == stored.content
+    # Ids are renumbered by first appearance: the same ids in another order are another request.
+    swapped = screens.agent_request(URLS, list(reversed(CALLS)))
+    swapped["messages"][4]["tool_call_id"] = CALLS[0]  # the first result now answers the other call
+    assert post(http, proxy, swapped).headers["X-Computer-Use-Cache"] == "MISS"
+
+
+def test_near__streamed_near_hit_replays_the_stored_tool_calls(start_proxy, fake_upstream):
+    proxy = near_proxy(start_proxy)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-test-client", max_retries=0)
+    fake_upstream.enqueue(tool_reply("call_from_run_1", stream=True))
+
+    def run(shots):
+        body = screens.agent_request(shots, CALLS)
+        raw = client.chat.completions.with_raw_response.create(
+            model=body["model"], messages=body["messages"], tools=body["tools"], temperature=0, stream=True)
+        calls = {}
+        for chunk in raw.parse():
+            for delta in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+                entry = calls.setdefault(delta.index, {"id": "", "arguments": ""})
+                entry["id"] += delta.id or ""
+                entry["arguments"] += delta.function.arguments or ""
+        return raw.headers, calls
+
+    first_headers, first_calls = run(URLS)
+    upstream_calls = len(fake_upstream.calls())
+    headers, calls = run(screen_urls(clock="10:59"))
+
+    assert first_headers["X-Computer-Use-Cache"] == "MISS"
+    assert (headers["X-Computer-Use-Cache"], headers["X-Computer-Use-Cache-Match"]) == ("HIT", "near")
+    assert calls == first_calls == {0: {"id": "call_from_run_1",
+                                        "arguments": json.dumps(screens.step_action(2))}}
+    assert len(fake_upstream.calls()) == upstream_calls
+
+
+def test_near__per_request_header_and_never_forwarded(start_proxy, http, fake_upstream):
+    proxy = start_proxy()  # server mode exact
+    stored = post(http, proxy, agent_body(), **{"X-Cache-Match": "near"})
+    ticked = screens.agent_request(screen_urls(clock="10:47"), CALLS)
+    asked = post(http, proxy, ticked, **{"X-Cache-Match": "Near"})
+    plain = post(http, proxy, screens.agent_request(screen_urls(clock="10:48"), CALLS))
+
+    assert stored.headers["X-Computer-Use-Cache"] == "MISS"
+    assert plain.headers["X-Computer-Use-Cache"] == "MISS"  # exact mode: a different screen
+    assert (asked.headers["X-Computer-Use-Cache"], asked.headers["X-Computer-Use-Cache-Match"]) == ("HIT", "near")
+    assert all("x-cache-match" not in {name.lower() for name in call.headers} for call in fake_upstream.calls())
+
+
+def test_near__exact_mode_entries_are_not_indexed(start_proxy, http):
+    proxy = start_proxy()
+    post(http, proxy, agent_body())
+    ticked = screens.agent_request(screen_urls(clock="10:47"), CALLS)
+    assert post(http, proxy, ticked, **{"X-Cache-Match": "near"}).headers["X-Computer-Use-Cache"] == "MISS"
+
+
+@pytest.mark.parametrize("value", ["fuzzy", "exact,near", "1"])
+def test_near__bad_x_cache_match_is_a_400(proxy, http, fake_upstream, value):
+    reply = post(http, proxy, agent_body(), **{"X-Cache-Match": value})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["code"] == "invalid_request_header"
+    assert "X-Cache-Match" in reply.json()["error"]["message"]
+    assert fake_upstream.calls() == []
+
+
+def test_near__never_crosses_models_namespaces_or_sizes(start_proxy, http):
+    proxy = near_proxy(start_proxy)
+    post(http, proxy, agent_body())
+    ticked = screen_urls(clock="10:47")
+    other_model = screens.agent_request(ticked, CALLS, model="test/model-b")
+    small = [screens.data_url(screens.desktop(step, size=(1024, 760))) for step in range(3)]
+    assert post(http, proxy, other_model).headers["X-Computer-Use-Cache"] == "MISS"
+    assert post(http, proxy, screens.agent_request(ticked, CALLS),
+                **{"X-Cache-Namespace": "run-2"}).headers["X-Computer-Use-Cache"] == "MISS"
+    assert post(http, proxy, screens.agent_request(small, CALLS)).headers["X-Computer-Use-Cache"] == "MISS"
+    assert post(http, proxy, screens.agent_request(ticked, CALLS)).headers["X-Computer-Use-Cache"] == "HIT"
+
+
+def test_near__closest_candidate_wins(start_proxy, http, fake_upstream):
+    proxy = near_proxy(start_proxy, cache_screenshot_tolerance=0.02)
+    fake_upstream.enqueue(tool_reply("call_clock"), tool_reply("call_button"))
+    post(http, proxy, screens.agent_request(URLS[:2] + [screens.data_url(screens.desktop(2, clock="11:11"))], CALLS))
+    post(http, proxy, screens.agent_request(URLS[:2] + [screens.data_url(screens.desktop(2, highlight=True))], CALLS))
+    reply = post(http, proxy, agent_body())  # the original screen: a clock away from the first
+    assert reply.headers["X-Computer-Use-Cache-Match"] == "near"
+    assert reply.json()["choices"][0]["message"]["tool_calls"][0]["id"] == "call_clock"
+
+
+def test_near__ignore_regions_and_tolerance(start_proxy, http):
+    strict = near_proxy(start_proxy, cache_screenshot_tolerance=0.0)
+    post(http, strict, agent_body())
+    ticked = screens.agent_request(screen_urls(clock="10:47"), CALLS)
+    assert post(http, strict, ticked).headers["X-Computer-Use-Cache"] == "MISS"
+    regions = near_proxy(start_proxy, cache_screenshot_tolerance=0.0,
+                         cache_screenshot_ignore_regions=(screens.CLOCK_REGION,),
+                         cache_db_path=strict.store.path + ".regions")
+    post(http, regions, agent_body())
+    assert post(http, regions, ticked).headers["X-Computer-Use-Cache-Match"] == "near"
+
+
+def test_near__counted_apart_in_stats_metrics_and_dashboard_feed(start_proxy, http):
+    proxy = near_proxy(start_proxy)
+    post(http, proxy, agent_body())
+    post(http, proxy, agent_body())  # exact hit
+    post(http, proxy, screens.agent_request(screen_urls(clock="10:47"), CALLS))  # near hit
+
+    stats = http.get(proxy.url + "/cache/stats").json()
+    metrics = http.get(proxy.url + "/metrics").text
+
+    assert stats["hits_served"] == 2 and stats["near_hits"] == 1
+    assert stats["by_model"]["test/model-a"]["near_hits"] == 1
+    assert 'computer_use_cache_near_hits_total{route="/v1/chat/completions"} 1.0' in metrics
+    assert 'computer_use_cache_requests_total{cache_status="HIT",route="/v1/chat/completions"} 2.0' in metrics
+
+
+def test_near__unreadable_image_is_never_a_near_hit(start_proxy, http):
+    proxy = near_proxy(start_proxy)
+    broken = "data:image/png;base64," + base64.b64encode(b"\x89PNG not really" * 100).decode()
+    post(http, proxy, screens.agent_request(URLS[:2] + [broken], CALLS))
+    reply = post(http, proxy, screens.agent_request(URLS[:2] + [broken], ["call_other1", "call_other2"]))
+    assert reply.headers["X-Computer-Use-Cache"] == "MISS"
