@@ -35,6 +35,7 @@ lint: $(VENV)/.installed-dev
 ## Speed and concurrency figures (not part of `make test`).
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/replay.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

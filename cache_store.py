@@ -710,20 +710,14 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
         than that many seconds ago (its updated_at: a forced refresh makes it young again).
         """
         self._start_maintainer()
-        db, generation = self._checkout()
-        try:
-            row = db.execute(
-                "SELECT mode, model, response_json, created_at, updated_at, hits, expires_at "
-                "FROM completions WHERE cache_key = ?",
-                (key,),
-            ).fetchone()
-        except sqlite3.Error as exc:
-            self._report_error("read")
-            raise StoreError(str(exc)) from exc
-        finally:
-            self._checkin(db, generation)
-        if row is None:
+        rows = self._pooled_read(
+            "SELECT mode, model, response_json, created_at, updated_at, hits, expires_at "
+            "FROM completions WHERE cache_key = ?",
+            (key,),
+        )
+        if not rows:
             return None
+        row = rows[0]
         now = self.clock()
         if self.is_expired(row[3], now, row[6]):
             return None
@@ -763,22 +757,26 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
         """(cache_key, fingerprints) of the live entries in a near group, most recently stored
         first, at most ``limit``."""
         now = self.clock()
+        rows = self._pooled_read(
+            "SELECT n.cache_key, n.fingerprints FROM near_index n "
+            "JOIN completions c ON c.cache_key = n.cache_key "
+            "WHERE n.near_group = ? AND CASE WHEN c.expires_at IS NOT NULL THEN c.expires_at >= ? "
+            "WHEN ? <= 0 THEN 1 ELSE ? - c.created_at <= ? END "
+            "ORDER BY n.stored_at DESC LIMIT ?",
+            (group, now, self.ttl_seconds, now, self.ttl_seconds, int(limit)),
+        )
+        return [(key, bytes(blob)) for key, blob in rows]
+
+    def _pooled_read(self, sql: str, params: tuple) -> list[tuple]:
+        """The rows of one query on a pooled connection (the request paths' reads)."""
         db, generation = self._checkout()
         try:
-            rows = db.execute(
-                "SELECT n.cache_key, n.fingerprints FROM near_index n "
-                "JOIN completions c ON c.cache_key = n.cache_key "
-                "WHERE n.near_group = ? AND CASE WHEN c.expires_at IS NOT NULL THEN c.expires_at >= ? "
-                "WHEN ? <= 0 THEN 1 ELSE ? - c.created_at <= ? END "
-                "ORDER BY n.stored_at DESC LIMIT ?",
-                (group, now, self.ttl_seconds, now, self.ttl_seconds, int(limit)),
-            ).fetchall()
+            return db.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             self._report_error("read")
             raise StoreError(str(exc)) from exc
         finally:
             self._checkin(db, generation)
-        return [(key, bytes(blob)) for key, blob in rows]
 
     def record_hit(self, key: str) -> None:
         """Count a hit in memory; written with the next batch, not on the request path."""

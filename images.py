@@ -130,22 +130,43 @@ def holds_image_references(value: object) -> bool:
 
 
 def with_image_references(canonical: str, slots: Iterable[ImageSlot]) -> str:
-    """The canonical request text with each clean inline image's JSON string replaced by the
-    canonical JSON of its reference. Everything else is the canonical text, unchanged."""
-    done: set[str] = set()
+    """The canonical request text with each plain inline image's JSON string replaced by the
+    canonical JSON of its reference. Everything else is the canonical text, unchanged.
+
+    Each occurrence is found by a short head of the string and confirmed by one comparison:
+    searching for (or replacing) a 100 KB needle costs a pass over it just to prepare."""
+    references: dict[str, str] = {}
     for slot in slots:
         found = slot_payload(slot)
         text = slot.holder.get(slot.key)
-        if found is None or text in done or not _plain_image(text, found[1]):
+        if found is None or text in references or not _plain_image(text, found[1]):
             continue
-        done.add(text)
         data = decoded_image(found[1])
-        if data is None:
+        if data is not None:
+            references[text] = json.dumps(image_reference(found[0], data), sort_keys=True,
+                                          separators=(",", ":"), ensure_ascii=False)
+    spans = []
+    for text, reference in references.items():
+        quoted_head, end = '"' + text[:_FIND_HEAD], 0
+        while (start := canonical.find(quoted_head, end)) >= 0:
+            end = start + len(text) + 2
+            if canonical.startswith(text, start + 1) and canonical.startswith('"', end - 1):
+                spans.append((start, end, reference))
+            else:
+                end = start + 1
+    if not spans:
+        return canonical
+    pieces, kept_from = [], 0
+    for start, end, reference in sorted(spans):
+        if start < kept_from:  # inside one already replaced (an image's text within another's)
             continue
-        reference = json.dumps(image_reference(found[0], data), sort_keys=True, separators=(",", ":"),
-                               ensure_ascii=False)
-        canonical = canonical.replace(f'"{text}"', reference)
-    return canonical
+        pieces += [canonical[kept_from:start], reference]
+        kept_from = end
+    pieces.append(canonical[kept_from:])
+    return "".join(pieces)
+
+
+_FIND_HEAD = 96
 
 
 # -- what an image shows -----------------------------------------------------------------------
