@@ -362,8 +362,10 @@ class Decision:
     max_age: int | None = None
     ttl_seconds: int | None = None
     namespace: str | None = None
-    # The request's inline images (their texts count as digests; stored as references).
+    # The request's inline images (their texts count as digests; stored as references), and the
+    # strings canonical_json found to be plain base64 data URLs.
     images: tuple[ImageSlot, ...] = ()
+    plain_strings: tuple[str, ...] = ()
     match: str = "exact"  # CACHE_MATCH, or the request's X-Cache-Match
     near: Any = None  # near_match.NearRequest, set by the proxy for requests in near mode
 
@@ -427,5 +429,6 @@ def decide(
         ttl_seconds=controls.ttl_seconds,
         namespace=controls.namespace,
         images=images,
+        plain_strings=tuple(clean_strings),
         match=match,
     )

@@ -5,8 +5,9 @@ and tool-call ids (``tool_call_ids(body)`` -> ``IdSlot``). With those this modul
 
 * measures a request for CACHE_MAX_INPUT_CHARS with each image counted as the length of its
   digest (``image_discount``), so screenshots never make a request "too large";
-* writes the stored request with each image as a short reference (its SHA-256, media type and
-  byte size) instead of the base64 (``with_image_references``); the key still hashes the pixels;
+* writes the stored request with each image as a short reference (the SHA-256 of its base64,
+  its media type and byte size) instead of the base64 (``with_image_references``); the key still
+  hashes the pixels;
 * makes the per-image fingerprints near matching compares (``screen_print``, ``changed_share``):
   the image decoded with Pillow, in grey, averaged over 4 x 4 pixel blocks. Compression noise
   (PNG vs JPEG, JPEG quality) moves a block's average by a level or two; a block counts as
@@ -48,7 +49,7 @@ DIGEST_CHARS = 64
 _BASE64_MARKER = ";base64,"
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 # The keys of a stored image reference, in canonical (sorted) order.
-REFERENCE_KEYS = ("bytes", "image_sha256", "media_type")
+REFERENCE_KEYS = ("base64_sha256", "bytes", "media_type")
 
 
 def data_url_image(text: str) -> tuple[str, str] | None:
@@ -108,10 +109,14 @@ def decoded_image(payload: str) -> bytes | None:
         return None
 
 
-def image_reference(media_type: str, data: bytes) -> dict:
-    """What the stored request keeps of an image: enough to recognise it, never the pixels."""
-    return {"bytes": len(data), "image_sha256": hashlib.sha256(data).hexdigest(),
-            "media_type": media_type}
+def image_reference(media_type: str, payload: str) -> dict:
+    """What the stored request keeps of an image: enough to recognise it, never the pixels.
+
+    The digest is of the base64 text as sent (``printf %s "$payload" | sha256sum``): decoding it
+    first would cost a miss more than the rest of its store."""
+    padding = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
+    return {"base64_sha256": hashlib.sha256(payload.encode("ascii")).hexdigest(),
+            "bytes": len(payload) * 3 // 4 - padding, "media_type": media_type}
 
 
 def is_image_reference(value: object) -> bool:
@@ -129,21 +134,22 @@ def holds_image_references(value: object) -> bool:
     return False
 
 
-def with_image_references(canonical: str, slots: Iterable[ImageSlot]) -> str:
+def with_image_references(canonical: str, slots: Iterable[ImageSlot], plain: Sequence[str] = ()) -> str:
     """The canonical request text with each plain inline image's JSON string replaced by the
     canonical JSON of its reference. Everything else is the canonical text, unchanged.
 
-    Each occurrence is found by a short head of the string and confirmed by one comparison:
-    searching for (or replacing) a 100 KB needle costs a pass over it just to prepare."""
+    ``plain``: strings canonical_json already found plain (its ``clean_strings``), not checked
+    again. Each occurrence is found by a short head of the string and confirmed by one
+    comparison: searching for (or replacing) a 100 KB needle costs a pass over it to prepare."""
+    known_plain = {id(text) for text in plain}
     references: dict[str, str] = {}
     for slot in slots:
         found = slot_payload(slot)
         text = slot.holder.get(slot.key)
-        if found is None or text in references or not _plain_image(text, found[1]):
+        if found is None or text in references:
             continue
-        data = decoded_image(found[1])
-        if data is not None:
-            references[text] = json.dumps(image_reference(found[0], data), sort_keys=True,
+        if id(text) in known_plain or _plain_image(text, found[1]):
+            references[text] = json.dumps(image_reference(*found), sort_keys=True,
                                           separators=(",", ":"), ensure_ascii=False)
     spans = []
     for text, reference in references.items():

@@ -382,7 +382,7 @@ class CompletionProxy:
         if len(text) > self.settings.cache_max_response_chars:
             return "skipped: response is too large for cache"
         # Screenshots are stored as references (digest, media type, size): the key has their pixels.
-        canonical = with_image_references(decision.canonical, decision.images)
+        canonical = with_image_references(decision.canonical, decision.images, decision.plain_strings)
         request_json = canonical[:-1] + f',"cache_key":"{decision.key}"}}'
         near = decision.near.record() if decision.near is not None else None
         try:

@@ -200,3 +200,37 @@ def tool_call_answer(step: int, call_id: str, completion_id: str, model: str = "
                     "id": call_id, "type": "function", "function": {
                         "name": "computer", "arguments": json.dumps(step_action(step))}}]}}],
             "usage": {"prompt_tokens": 2400 + step, "completion_tokens": 21, "total_tokens": 2421 + step}}
+
+
+# -- the cost of a near lookup (tests/test_screen_match.py and bench/replay.py) ----------------
+
+def store_near_candidates(store, count: int, group: str = "group") -> None:
+    """``count`` entries in one near group, each with the fingerprints of screens 0-2."""
+    from cache_store import NearRecord, NewEntry
+    from images import encode_prints, screen_print
+    prints = encode_prints([screen_print(encoded(desktop(step))) for step in range(3)])
+    for number in range(count):
+        store.put(NewEntry(f"candidate-{number}", "chat", "test/model-a", '{"mode":"chat"}', '{"choices":[1]}'),
+                  near=NearRecord(group, prints))
+
+
+def timed_near_lookup(store, settings, attempt: int, group: str = "group") -> tuple[float, float]:
+    """(a near lookup with three screenshots never seen before against the group's candidates,
+    decoding those three screenshots alone with Pillow), in seconds. ``attempt`` sets the clock,
+    so each attempt's screenshots are new."""
+    import time
+
+    from near_match import NearMatcher, NearRequest
+    matcher = NearMatcher(settings, store)  # a fresh one remembers no fingerprint
+    files = [encoded(desktop(step, clock=f"09:{attempt % 60:02d}")) for step in range(3)]
+    near = NearRequest(matcher, lambda: group, [("image/png", base64.b64encode(data).decode())
+                                                for data in files])
+    began = time.perf_counter()
+    found = matcher.find(near)
+    lookup = time.perf_counter() - began
+    if found is None or not found.key.startswith("candidate-"):
+        raise AssertionError("the near lookup found no candidate")
+    began = time.perf_counter()
+    for data in files:
+        Image.open(io.BytesIO(data)).load()
+    return lookup, time.perf_counter() - began

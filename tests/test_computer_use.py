@@ -81,7 +81,7 @@ def test_screenshots__stored_entry_keeps_references_not_pixels(proxy, http):
     images = [part["image_url"]["url"] for message in entry["request"]["messages"]
               if isinstance(message["content"], list) for part in message["content"]
               if part["type"] == "image_url"]
-    assert images == [{"bytes": len(png), "image_sha256": hashlib.sha256(png).hexdigest(),
+    assert images == [{"base64_sha256": hashlib.sha256(base64.b64encode(png)).hexdigest(), "bytes": len(png),
                        "media_type": "image/png"} for png in PNGS]
     assert entry["request"]["cache_key"] == key
     assert entry["request"]["messages"][-1]["content"][0] == {"type": "text", "text": "Screenshot 2."}
@@ -99,7 +99,7 @@ def test_screenshots__show_export_and_import_keep_working(start_proxy, http, tmp
     imported = flask_cache("import", str(tmp_path / "cu.jsonl"), db_path=fresh)
 
     assert shown.returncode == 0 and json.loads(shown.stdout)["request"]["cache_key"] == key
-    assert "image_sha256" in shown.stdout and ";base64," not in shown.stdout
+    assert "base64_sha256" in shown.stdout and ";base64," not in shown.stdout
     assert exported.returncode == 0 and imported.returncode == 0, imported.stderr
     assert "imported 1, already present 0, invalid 0" in imported.stderr
     proxy_b = start_proxy(cache_db_path=fresh)
@@ -119,7 +119,7 @@ def test_screenshots__bare_string_image_url_counts_as_an_image(start_proxy, http
     reply = post(http, proxy, body)
     assert reply.headers["X-Computer-Use-Cache"] == "MISS"
     entry = http.get(proxy.url + f"/cache/entries/{reply.headers['X-Computer-Use-Cache-Key']}").json()
-    assert '"image_sha256"' in json.dumps(entry["request"])
+    assert '"base64_sha256"' in json.dumps(entry["request"])
 
 
 # -- near matching (CACHE_MATCH=near / X-Cache-Match: near) --------------------------------------
@@ -303,3 +303,33 @@ def test_near__unreadable_image_is_never_a_near_hit(start_proxy, http):
     post(http, proxy, screens.agent_request(URLS[:2] + [broken], CALLS))
     reply = post(http, proxy, screens.agent_request(URLS[:2] + [broken], ["call_other1", "call_other2"]))
     assert reply.headers["X-Computer-Use-Cache"] == "MISS"
+
+
+def test_near__export_and_import_carry_the_near_index(start_proxy, http, tmp_path):
+    proxy_a = near_proxy(start_proxy)
+    post(http, proxy_a, agent_body())
+    proxy_a.store.flush()
+    exported = flask_cache("export", str(tmp_path / "near.jsonl"), db_path=proxy_a.store.path)
+    [line] = (tmp_path / "near.jsonl").read_text().splitlines()
+    assert {"near_group", "near_fingerprints"} <= set(json.loads(line))
+    fresh = str(tmp_path / "b" / "cache.sqlite3")
+    imported = flask_cache("import", str(tmp_path / "near.jsonl"), db_path=fresh)
+    assert exported.returncode == 0 and imported.returncode == 0, imported.stderr
+
+    proxy_b = near_proxy(start_proxy, cache_db_path=fresh)
+    reply = post(http, proxy_b, screens.agent_request(screen_urls(clock="10:47"), CALLS))
+    assert reply.headers["X-Computer-Use-Cache-Match"] == "near"
+
+
+def test_near__import_refuses_a_broken_near_record(start_proxy, http, tmp_path):
+    proxy = near_proxy(start_proxy)
+    post(http, proxy, agent_body())
+    proxy.store.flush()
+    flask_cache("export", str(tmp_path / "near.jsonl"), db_path=proxy.store.path)
+    record = json.loads((tmp_path / "near.jsonl").read_text())
+    bad_group = {**record, "near_group": "not hex"}
+    bad_prints = {**record, "near_fingerprints": base64.b64encode(b"junk").decode()}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(bad_group) + "\n" + json.dumps(bad_prints) + "\n")
+    result = flask_cache("import", str(tmp_path / "bad.jsonl"), db_path=str(tmp_path / "c.sqlite3"))
+    assert result.returncode == 1
+    assert "line 1: near_group" in result.stderr and "line 2: near_fingerprints" in result.stderr
