@@ -83,7 +83,8 @@ def _plain_image(text: str, payload: str) -> bool:
         return False
     encoded = text.encode("ascii")
     head = len(text) - len(payload)
-    return not encoded[head:].translate(None, _BASE64_ALPHABET) and not encoded[:head].translate(None, PLAIN_JSON_ASCII)
+    return (not encoded[head:].translate(None, _BASE64_ALPHABET)
+            and not encoded[:head].translate(None, PLAIN_JSON_ASCII))
 
 
 def image_texts(slots: Iterable[ImageSlot]) -> list[str]:

@@ -103,20 +103,28 @@ class NearMatcher:
         return NearRequest(self, group, [found for _, found in images])
 
     def prints_of(self, payloads: Sequence[tuple[str, str]]) -> list[ScreenPrint] | None:
-        images = [decoded_image(payload) for _, payload in payloads]
-        if any(data is None for data in images):
-            return None
-        digests = [hashlib.sha256(data).digest() for data in images]  # type: ignore[arg-type]
+        """The fingerprint of each (media type, base64) image, remembered by the digest of its
+        base64; None when any cannot be read."""
+        digests = [hashlib.sha256(payload.encode("utf-8", "surrogatepass")).digest()
+                   for _, payload in payloads]
         prints = [self._prints.get(digest) for digest in digests]
         missing = [index for index, found in enumerate(prints) if found is None]
-        new = [images[index] for index in missing]
-        made = list(self._decoders().map(screen_print, new)) if len(new) > 1 else list(map(screen_print, new))
+        made = self._decoded([payloads[index][1] for index in missing])
         for index, made_print in zip(missing, made):
             prints[index] = made_print if made_print is not None else _UNREADABLE
             self._prints.put(digests[index], prints[index])
-        if any(found == _UNREADABLE for found in prints):
+        if any(found is _UNREADABLE for found in prints):
             return None
         return prints  # type: ignore[return-value]
+
+    def _decoded(self, payloads: list[str]) -> list[ScreenPrint | None]:
+        def fingerprint(payload: str) -> ScreenPrint | None:
+            data = decoded_image(payload)
+            return None if data is None else screen_print(data)
+
+        if len(payloads) < 2:
+            return [fingerprint(payload) for payload in payloads]
+        return list(self._decoders().map(fingerprint, payloads))
 
     def find(self, near: NearRequest, max_age: int | None = None) -> CachedEntry | None:
         """The closest live entry of the request's group whose screenshots all qualify, or None.
