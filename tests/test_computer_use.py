@@ -333,3 +333,15 @@ def test_near__import_refuses_a_broken_near_record(start_proxy, http, tmp_path):
     result = flask_cache("import", str(tmp_path / "bad.jsonl"), db_path=str(tmp_path / "c.sqlite3"))
     assert result.returncode == 1
     assert "line 1: near_group" in result.stderr and "line 2: near_fingerprints" in result.stderr
+
+
+def test_exact_mode__never_decodes_a_screenshot(start_proxy, http, monkeypatch):
+    import near_match
+    decoded = []
+    monkeypatch.setattr(near_match, "screen_print", lambda data: decoded.append(data))
+    monkeypatch.setattr(near_match, "decoded_image", lambda payload: decoded.append(payload))
+    proxy = start_proxy()
+    ticked = screens.agent_request(screen_urls(clock="10:47"), CALLS)
+    replies = [post(http, proxy, body) for body in (agent_body(), agent_body(), ticked, agent_body(stream=True))]
+    assert [reply.headers["X-Computer-Use-Cache"] for reply in replies] == ["MISS", "HIT", "MISS", "HIT"]
+    assert decoded == []
