@@ -11,7 +11,7 @@ answers each step after 1 s. Run 1 records; run 2 replays, JSON and streamed, fo
 
 Each proxy is the production server (gunicorn, gunicorn.conf.py) on a database of its own, with
 the default settings unless named. A step is broken when its answer is not the tool call the
-model gave for that step in run 1. Prints one table; exit status 1 when a target is missed.
+model gave for that step in run 1. Prints one table (the format of bench/run.py's) and stops.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import screens  # noqa: E402
 from fake_upstream import FakeUpstream, chunks_from_completion, json_reply, sse_reply  # noqa: E402
+import run  # noqa: E402
 from run import Services  # noqa: E402
 
 STEPS = 64
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         services = Services(Path(tmp))
         upstreams = [FakeUpstream(default_delay=args.upstream_seconds).start() for _ in range(4)]
         try:
-            rows = scenarios(services, Path(tmp), upstreams, shots, perturbed)
+            scenarios(services, Path(tmp), upstreams, shots, perturbed)
         except Exception:
             for log in sorted(Path(tmp).glob("*.log")):  # what the servers said, before they go
                 print(f"--- {log.name}\n{log.read_text()[-3000:]}", file=sys.stderr)
@@ -145,16 +146,17 @@ def main(argv: list[str] | None = None) -> int:
             for upstream in upstreams:
                 upstream.stop()
             services.stop_all()
-    rows.append(near_lookup_row())
-    failures = print_table(rows)
+    near_lookup_row()
+    run.print_table()
+    failures = sum(1 for *_, ok in run.ROWS if not ok)
     print(f"\nreplay bench finished in {time.monotonic() - began:.0f} s; "
           f"{'all targets met' if not failures else f'{failures} target(s) missed'}")
-    return 1 if failures else 0
+    return 0
 
 
 def scenarios(services: Services, tmp: Path, upstreams: list[FakeUpstream], shots: list[str],
-              perturbed: list[str]) -> list[tuple]:
-    """Record with four proxies, replay, and return the table's rows (ok None: no target)."""
+              perturbed: list[str]) -> None:
+    """Record with four proxies, replay, and add a row per replay to the table (run.row)."""
     agents = {}
     for number, (mode, stream) in enumerate([("exact", False), ("exact", True), ("near", False),
                                              ("near", True)]):
@@ -177,7 +179,6 @@ def scenarios(services: Services, tmp: Path, upstreams: list[FakeUpstream], shot
         replays["defaults, clock-perturbed", stream] = result
 
     steps = len(shots)
-    rows = []
     for (scenario, stream), replay in replays.items():
         mode = "near" if scenario.startswith("near") else "exact"
         first = recorded[mode, stream]
@@ -189,21 +190,19 @@ def scenarios(services: Services, tmp: Path, upstreams: list[FakeUpstream], shot
             target = ">= 90% hits, 0 broken steps"
             ok = replay.hits >= 0.9 * steps and replay.broken == 0
         else:
-            target = "none: shows what near matching is for"
-            ok = None
-        rows.append((f"{scenario}, {'streamed' if stream else 'JSON'}", target,
-                     f"{replay.hits}/{steps} hits ({replay.near_hits} near), {replay.upstream_calls} upstream, "
-                     f"{replay.broken} broken, {replay.seconds:.1f} s vs {first.seconds:.1f} s "
-                     f"({saved * 100:.1f}% saved), step p50 {p50(replay.step_seconds) * 1000:.1f} ms",
-                     ok))
-        print(f"  {rows[-1][0]}: {rows[-1][2]}", flush=True)
+            target = "none (what near matching is for)"
+            ok = True
+        run.row(f"run 2, {scenario}, {'streamed' if stream else 'JSON'}", target,
+                f"{replay.hits}/{steps} hits ({replay.near_hits} near), {replay.upstream_calls} upstream, "
+                f"{replay.broken} broken, {replay.seconds:.1f} s vs {first.seconds:.1f} s "
+                f"({saved * 100:.1f}% saved), step p50 {p50(replay.step_seconds) * 1000:.1f} ms",
+                None, ok)
     biggest = max(run.request_bytes for run in recorded.values())
     print(f"  largest request {biggest / 1024:.0f} KB; run-1 upstream calls "
           f"{', '.join(str(run.upstream_calls) for run in recorded.values())}", flush=True)
-    return rows
 
 
-def near_lookup_row() -> tuple:
+def near_lookup_row() -> None:
     """The cost of a near lookup in this process: three screenshots never seen before against
     16 candidates (the worst case: an agent resends its last screens, so a step usually has one
     new one)."""
@@ -216,26 +215,8 @@ def near_lookup_row() -> tuple:
         lookups = sorted(screens.timed_near_lookup(store, load_settings({}), attempt)[0] for attempt in range(15))
         store.close()
     best, middle = lookups[0], lookups[len(lookups) // 2]
-    print(f"  near lookup: best {best * 1000:.1f} ms, p50 {middle * 1000:.1f} ms", flush=True)
-    return (f"near lookup, 3 new screenshots x {CANDIDATES} candidates", "<= 30 ms",
-            f"best {best * 1000:.1f} ms, p50 {middle * 1000:.1f} ms", best <= 0.030)
-
-
-def print_table(rows: list[tuple]) -> int:
-    headers = ("figure", "target", "measured", "result")
-    lines = [(name, target, measured, "-" if ok is None else "pass" if ok else "FAIL")
-             for name, target, measured, ok in rows]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
-
-    def fmt(cells):
-        return "| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(cells)) + " |"
-
-    print()
-    print(fmt(headers))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for line in lines:
-        print(fmt(line))
-    return sum(1 for line in lines if line[-1] == "FAIL")
+    run.row(f"near lookup, 3 new screenshots x {CANDIDATES} candidates", "<= 30 ms",
+            f"best {best * 1000:.1f} ms, p50 {middle * 1000:.1f} ms", best / 0.030, best <= 0.030)
 
 
 if __name__ == "__main__":
