@@ -48,11 +48,17 @@ def _parse_non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _parse_port(text: str) -> int:
-    value = int(text.strip())
-    if not 0 <= value <= 65535:
-        raise ValueError(f"must be a port number 0-65535, got {text!r}")
-    return value
+def _parse_within(kind: Callable[[str], Any], low: Any, high: Any, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text.strip())
+        if not low <= value <= high:
+            raise ValueError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_parse_port = _parse_within(int, 0, 65535, "a port number 0-65535")
 
 
 def _parse_str(text: str) -> str:
@@ -76,11 +82,7 @@ def parse_match(text: str) -> str:
     return value
 
 
-def parse_fraction(text: str) -> float:
-    value = float(text.strip())
-    if not 0 <= value <= 1:
-        raise ValueError(f"must be a fraction from 0 to 1, got {text!r}")
-    return value
+parse_fraction = _parse_within(float, 0, 1, "a fraction from 0 to 1")
 
 
 def parse_regions(text: str) -> tuple[tuple[float, float, float, float], ...]:
@@ -169,7 +171,8 @@ class Settings:
         "Age after which an entry is a miss and is replaced; 0 = never expire.")
     cache_max_input_chars: int = setting(
         "CACHE_MAX_INPUT_CHARS", 120000, "int",
-        "Requests whose canonical form is longer are answered but not cached.")
+        "Requests whose canonical form is longer are answered but not cached (each inline image "
+        "counts as the 64 characters of a digest).")
     cache_max_response_chars: int = setting(
         "CACHE_MAX_RESPONSE_CHARS", 240000, "int", "Responses longer than this are not stored.")
     cache_model_allowlist: tuple[str, ...] = setting(
