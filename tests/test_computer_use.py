@@ -345,3 +345,13 @@ def test_exact_mode__never_decodes_a_screenshot(start_proxy, http, monkeypatch):
     replies = [post(http, proxy, body) for body in (agent_body(), agent_body(), ticked, agent_body(stream=True))]
     assert [reply.headers["X-Computer-Use-Cache"] for reply in replies] == ["MISS", "HIT", "MISS", "HIT"]
     assert decoded == []
+
+
+def test_near__never_crosses_client_partitions(start_proxy, http):
+    proxy = near_proxy(start_proxy, upstream_api_key="")  # each client key its own partition
+    alice, bob = {"Authorization": "Bearer alice-key-0001"}, {"Authorization": "Bearer bob-key-0002"}
+    ticked = screens.agent_request(screen_urls(clock="10:47"), CALLS)
+    assert post(http, proxy, agent_body(), **alice).headers["X-Computer-Use-Cache"] == "MISS"
+    assert post(http, proxy, ticked, **bob).headers["X-Computer-Use-Cache"] == "MISS"
+    assert post(http, proxy, screens.agent_request(screen_urls(clock="10:48"), CALLS),
+                **alice).headers["X-Computer-Use-Cache-Match"] == "near"

@@ -86,46 +86,20 @@ def test_prints__encoded_small_and_decoded_back():
     assert decode_prints(encode_prints([])) == []
 
 
-# -- the near index in the store -----------------------------------------------------------------
+# -- the near index in the SQLite store -----------------------------------------------------------------
 
 def entry(key: str) -> NewEntry:
     return NewEntry(key, "chat", "test/model-a", '{"mode":"chat"}', '{"choices":[1]}')
 
 
-def test_near_candidates__newest_first_limited_and_only_live(tmp_path, clock):
-    store = SQLiteStore(str(tmp_path / "near.sqlite3"), ttl_seconds=100, clock=clock, hit_flush_seconds=0)
-    for number in range(5):
-        store.put(entry(f"k{number}"), near=NearRecord("g1", b"print%d" % number))
-        clock.advance(1)
-    store.put(entry("other"), near=NearRecord("g2", b"x"))
-    store.put(entry("short"), ttl_seconds=2, near=NearRecord("g1", b"short"))
-    store.put(entry("plain"))  # stored without near matching: never a candidate
-
-    assert store.near_candidates("g1", limit=3) == [("short", b"short"), ("k4", b"print4"), ("k3", b"print3")]
-    clock.advance(3)  # "short" expired
-    assert [key for key, _ in store.near_candidates("g1")] == ["k4", "k3", "k2", "k1", "k0"]
-    clock.advance(92.5)  # k0 (stored at +0) is past the 100 s TTL, k1 (+1) is not
-    assert [key for key, _ in store.near_candidates("g1")] == ["k4", "k3", "k2", "k1"]
-    store.close()
-
-
-def test_near_candidates__record_replaced_on_store_and_gone_with_its_entry(tmp_path):
+def test_near_index__evicted_and_cleared_with_its_entries(tmp_path):
+    """The contract's near tests are in test_cache_store.py; eviction is SQLite's own."""
     store = SQLiteStore(str(tmp_path / "near.sqlite3"), hit_flush_seconds=0, max_entries=2)
-    store.put(entry("a"), near=NearRecord("g", b"old"))
-    store.put(entry("a"), near=NearRecord("g", b"new"))
-    store.put(entry("b"), near=NearRecord("g", b"b"))
-    assert dict(store.near_candidates("g")) == {"a": b"new", "b": b"b"}
-    store.put(entry("a"))  # re-stored without a record: the same request, the record stays
-    assert dict(store.near_candidates("g"))["a"] == b"new"
-
-    store.delete("a")
-    assert store.near_candidates("g") == [("b", b"b")]
-    for key in ("c", "d", "e"):
+    for key in ("a", "b", "c", "d", "e"):
         store.put(entry(key), near=NearRecord("g", key.encode()))
     store.evict()
     assert len(store.near_candidates("g")) == 2
     store.clear()
-    assert store.near_candidates("g") == []
     (rows,) = store._db().execute("SELECT count(*) FROM near_index").fetchone()
     assert rows == 0
     store.close()
