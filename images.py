@@ -182,8 +182,9 @@ BLOCK = 4
 # A block's average brightness (0-255) must move by more than this to count as changed: JPEG at
 # quality 85 moves it by a level or two, a redrawn glyph or control by tens.
 CHANGE_LEVELS = 10
-# Images larger than this are not decoded for near matching (a decompression bomb guard).
-MAX_PIXELS = 40_000_000
+# Images larger than a 5K screen are not decoded for near matching: a decompression-bomb guard
+# (a small PNG can declare a huge image) and a bound on what one request can make a worker do.
+MAX_PIXELS = 5120 * 3200
 _PRINT_VERSION = b"NF1"
 _PRINT_HEADER = struct.Struct("<II")
 

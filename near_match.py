@@ -69,7 +69,8 @@ class NearMatcher:
     def __init__(self, settings: Settings, store: SQLiteStore):
         self.settings = settings
         self.store = store
-        self._prints = RecentItems(256)
+        # ~50 KB each for a 1024x768 screen: a few agents' last screens, a few MB per worker.
+        self._prints = RecentItems(128)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid: int | None = None
         self._pool_lock = threading.Lock()
