@@ -40,6 +40,35 @@ def test_changed_share__a_change_of_one_percent_or_more_is_past_the_tolerance(ch
     assert share_against_base(changed, "JPEG", quality=85) >= 0.01
 
 
+def patched(box: tuple[int, int, int, int], shade: tuple[int, int, int]):
+    from PIL import ImageDraw
+    image = BASE.copy()
+    ImageDraw.Draw(image).rectangle(box, fill=shade)
+    return image
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+@pytest.mark.parametrize("shade", [(20, 20, 20), (200, 60, 60), (90, 160, 255)])
+def test_changed_share__a_solid_one_percent_patch_anywhere_measures_near_one_percent(offset, shade):
+    """89 x 89 pixels (1.007% of 1024x768) over the text of a window, off the 4-pixel grid by
+    ``offset``: the blocks it covers count, those it only grazes may not, so it measures a
+    little under 1%: still four times the default tolerance."""
+    share = share_against_base(patched((300 + offset, 200 + offset, 388 + offset, 288 + offset), shade))
+    assert 0.008 <= share <= 0.012
+
+
+def test_changed_share__a_patch_of_the_background_colour_counts_what_it_covers_up():
+    """White over a near-white window: only the text it erases really changed (a brightness step
+    of 7 is not a change), and that is still more than the default tolerance."""
+    image = patched((300, 200, 388, 288), (255, 255, 255))
+    assert screens.changed_fraction(BASE, image, threshold=10) > TOLERANCE
+    assert share_against_base(image) > 2 * TOLERANCE
+
+
+def test_changed_share__a_small_patch_measures_about_its_size():
+    assert 0.0006 <= share_against_base(patched((801, 601, 840, 615), (255, 0, 255))) <= 0.0012  # 0.076%
+
+
 def test_changed_share__the_next_step_of_the_agent_is_a_different_screen():
     assert share_against_base(screens.desktop(6)) > 0.01
 
