@@ -34,7 +34,7 @@ from errors import ServiceUnavailable
 from errors import error_body
 from fast_lane import KnownHitLane
 from metrics import Monitor
-from proxy import CompletionProxy, cache_headers
+from proxy import MATCH_HEADER, CompletionProxy, cache_headers
 from upstream import UpstreamClient, bearer_token, relayable_headers
 from wire import CHAT, CHAT_ROUTES, COMPLETION, COMPLETION_ROUTES, MODEL_ROUTES
 
@@ -44,7 +44,6 @@ EXTENSION = "computer_use_cache"
 STARTED = "computer_use_cache.started"  # the request's start time, kept in its WSGI environ
 STATUS_HEADER, KEY_HEADER = "X-Computer-Use-Cache", "X-Computer-Use-Cache-Key"
 COALESCED_HEADER = "X-Computer-Use-Cache-Coalesced"
-MATCH_HEADER = "X-Computer-Use-Cache-Match"
 COMPLETION_ENDPOINTS = ("chat:", "completion:")  # endpoint names of the completion routes
 ROOT_ENDPOINTS = ["/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/models",
                   "/cache/stats"]
@@ -54,7 +53,7 @@ CORS_EXPOSE_HEADERS = ", ".join(
     f"{prefix}{suffix}"
     for prefix in ("X-Computer-Use-Cache", "X-Code-Model-Cache")
     for suffix in ("", "-Key", "-Store", "-Bypass-Reason")
-) + ", X-Computer-Use-Cache-Coalesced, X-Computer-Use-Cache-Match"
+) + f", X-Computer-Use-Cache-Coalesced, {MATCH_HEADER}"
 
 
 def store_from_settings(settings: Settings, **options: Any) -> SQLiteStore:
