@@ -21,6 +21,7 @@ import binascii
 import hashlib
 import io
 import json
+import math
 import struct
 import warnings
 import zlib
@@ -257,10 +258,21 @@ def changed_share(first: ScreenPrint, second: ScreenPrint, ignore: Sequence[Regi
                                        Image.frombytes("L", grid, second.blocks))
     if ignore:
         draw = ImageDraw.Draw(difference)
-        for x0, y0, x1, y1 in ignore:
-            # Every block the region touches, so no pixel of it counts.
-            draw.rectangle((int(x0 * first.width) // BLOCK, int(y0 * first.height) // BLOCK,
-                            -(-int(x1 * first.width) // BLOCK) - 1, -(-int(y1 * first.height) // BLOCK) - 1),
-                           fill=0)
+        for region in ignore:
+            blocks = _blocks_touched(region, first.width, first.height)
+            if blocks is not None:
+                draw.rectangle(blocks, fill=0)
     changed = sum(difference.histogram()[CHANGE_LEVELS + 1:])
     return changed / (grid[0] * grid[1])
+
+
+def _blocks_touched(region: Region, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """The blocks (first and last column and row) holding any pixel of a region given as
+    fractions; None when it holds no whole pixel. Every block it touches is left out, so no
+    pixel of it counts."""
+    x0, y0, x1, y1 = region
+    left, top = math.floor(x0 * width), math.floor(y0 * height)
+    right, bottom = min(math.ceil(x1 * width), width), min(math.ceil(y1 * height), height)
+    if right <= left or bottom <= top:
+        return None
+    return left // BLOCK, top // BLOCK, (right - 1) // BLOCK, (bottom - 1) // BLOCK

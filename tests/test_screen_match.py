@@ -98,6 +98,14 @@ def test_changed_share__ignored_regions_never_count():
     assert changed_share(BASE_PRINT, dialog, [screens.CLOCK_REGION]) >= 0.01
 
 
+@pytest.mark.parametrize("region", [(0.5, 0.5, 0.5001, 0.5001), (0.0, 0.0, 0.0001, 1.0),
+                                    (0.9999, 0.9999, 1.0, 1.0), (0.0, 0.0, 1.0, 1.0)])
+def test_changed_share__any_region_even_thinner_than_a_pixel_is_accepted(region):
+    ticked = screen_print(screens.encoded(screens.desktop(5, clock="23:59")))
+    share = changed_share(BASE_PRINT, ticked, [region])
+    assert share == (0 if region == (0.0, 0.0, 1.0, 1.0) else changed_share(BASE_PRINT, ticked))
+
+
 def test_screen_print__unreadable_or_oversized_images_have_none(monkeypatch):
     assert screen_print(b"not an image at all") is None
     assert screen_print(screens.encoded(BASE)[:2000]) is None  # truncated
