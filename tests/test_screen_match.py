@@ -106,6 +106,23 @@ def test_changed_share__any_region_even_thinner_than_a_pixel_is_accepted(region)
     assert share == (0 if region == (0.0, 0.0, 1.0, 1.0) else changed_share(BASE_PRINT, ticked))
 
 
+def declaring(png: bytes, width: int, height: int) -> bytes:
+    """The PNG with its header claiming another size (and a CRC to match)."""
+    import struct
+    import zlib
+    header = b"IHDR" + struct.pack(">II", width, height) + png[24:29]
+    return png[:12] + header + struct.pack(">I", zlib.crc32(header)) + png[33:]
+
+
+@pytest.mark.parametrize("width, height", [(5000, 5000), (40000, 40000)])
+def test_screen_print__a_header_claiming_a_huge_image_is_never_decoded(width, height):
+    import time
+    bomb = declaring(screens.encoded(screens.desktop(0, size=(64, 48))), width, height)
+    began = time.perf_counter()
+    assert screen_print(bomb) is None
+    assert time.perf_counter() - began < 0.5  # refused from the header, nothing decoded
+
+
 def test_screen_print__unreadable_or_oversized_images_have_none(monkeypatch):
     assert screen_print(b"not an image at all") is None
     assert screen_print(screens.encoded(BASE)[:2000]) is None  # truncated
