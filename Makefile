@@ -35,6 +35,7 @@ lint: $(VENV)/.installed-dev
 ## Speed and concurrency figures (not part of `make test`).
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/replay.py
 
 ## 10,000 hostile requests against the production server (gunicorn, as `make run`, on a free port,
 ## in front of the fake upstream); prints a status histogram. FUZZ_ARGS="--seed N" replays a run.

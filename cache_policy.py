@@ -6,16 +6,18 @@ and returns a ``Decision`` whose ``reason`` becomes the ``...-Bypass-Reason`` he
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from config import Settings
+from config import MATCH_MODES, Settings
 from errors import InvalidRequest
+from images import PLAIN_JSON_ASCII, ImageSlot, image_discount, image_texts
 from secret_scan import CREDENTIAL_PATTERN, base64_payload_start, contains_secret  # noqa: F401 (re-exported)
 
 # Body fields that steer the proxy or the transport, never the answer.
@@ -27,7 +29,6 @@ _TRUE_WORDS = {"1", "true", "yes", "on", "y", "t"}
 _LONG_STRING = 256
 
 
-_PLAIN_ASCII = bytes(byte for byte in range(128) if byte >= 0x20 and byte not in b'"\\')
 
 
 def _string_encoder(clean_strings: list[str] | None) -> Callable[[str], str]:
@@ -46,11 +47,11 @@ def _string_encoder(clean_strings: list[str] | None) -> Callable[[str], str]:
             encoded = text.encode("ascii")
             payload = base64_payload_start(encoded)
             if payload >= 0:  # base64 bytes are plain: only the head before them needs a look
-                if not encoded[:payload].translate(None, _PLAIN_ASCII):
+                if not encoded[:payload].translate(None, PLAIN_JSON_ASCII):
                     if clean_strings is not None:
                         clean_strings.append(text)
                     return f'"{text}"'
-            elif not encoded.translate(None, _PLAIN_ASCII):
+            elif not encoded.translate(None, PLAIN_JSON_ASCII):
                 return f'"{text}"'
         return escape(text)
 
@@ -100,6 +101,90 @@ def canonical_payload(mode: str, body: Mapping[str, Any], ignore_keys: frozenset
     payload = {name: value for name, value in body.items() if name not in ignore_keys}
     payload["mode"] = mode
     return payload
+
+
+# -- volatile text (CACHE_IGNORE_PATTERNS) -----------------------------------------------------
+
+# What a match of an ignore pattern becomes in the text the key is made of.
+IGNORED_TEXT = "<cache-ignored>"
+_TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
+# Top-level fields that hold the text of a request in some API (system prompts, instructions,
+# legacy prompts, Responses input), besides the messages.
+_TOP_LEVEL_TEXT = ("system", "instructions", "prompt", "input")
+
+
+def _text_slots_in(holder: Any, name: Any) -> Iterator[tuple[Any, Any]]:
+    value = holder[name]
+    if isinstance(value, str):
+        yield holder, name
+    elif isinstance(value, list):
+        for index, part in enumerate(value):
+            if isinstance(part, str):
+                yield value, index
+            elif isinstance(part, dict):
+                if part.get("type") in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
+                    yield part, "text"
+                elif "content" in part:  # a tool result, or a Responses input item
+                    yield from _text_slots_in(part, "content")
+
+
+def message_text_slots(body: Mapping[str, Any]) -> Iterator[tuple[Any, Any]]:
+    """(holder, key) of every piece of message text: string contents, text parts of multimodal
+    contents (and of tool results), system prompts and instructions, prompts and inputs. Found
+    by the shapes the APIs share, so an API added later is covered without a word here."""
+    for name in _TOP_LEVEL_TEXT:
+        if name in body:
+            yield from _text_slots_in(body, name)
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, dict) and "content" in message:
+                yield from _text_slots_in(message, "content")
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    return tuple(re.compile(pattern) for pattern in patterns)
+
+
+@contextlib.contextmanager
+def replaced(changes: list[tuple[Any, Any, Any]]) -> Iterator[None]:
+    """Set ``holder[key] = value`` for each (holder, key, value) for the duration, then put every
+    old value back (the body also goes upstream, unchanged)."""
+    saved = []
+    try:
+        for holder, key, value in changes:
+            saved.append((holder, key, holder[key]))
+            holder[key] = value
+        yield
+    finally:
+        for holder, key, old in reversed(saved):
+            holder[key] = old
+
+
+def ignored_text_changes(body: Mapping[str, Any], patterns: tuple[str, ...]) -> list[tuple[Any, Any, Any]]:
+    """The message text changes CACHE_IGNORE_PATTERNS asks for (none when it is unset)."""
+    if not patterns:
+        return []
+    compiled = _compiled(patterns)
+    changes = []
+    for holder, key in message_text_slots(body):
+        text = holder[key]
+        for pattern in compiled:
+            text = pattern.sub(IGNORED_TEXT, text)
+        if text != holder[key]:
+            changes.append((holder, key, text))
+    return changes
+
+
+def canonical_request(settings: Settings, mode: str, body: Mapping[str, Any],
+                      clean_strings: list[str] | None = None,
+                      changes: Sequence[tuple[Any, Any, Any]] = ()) -> str:
+    """The canonical text the key is made of: ignored fields left out, volatile text replaced,
+    plus any temporary ``changes`` (near matching's normalisation)."""
+    ignore = ignored_keys(settings.cache_ignore_keys)
+    with replaced([*ignored_text_changes(body, settings.cache_ignore_patterns), *changes]):
+        return canonical_json(canonical_payload(mode, body, ignore), clean_strings)
 
 
 _HASH_SLICE = 32768
@@ -195,7 +280,8 @@ class RequestControls:
     ``no_cache``: never answered from the cache, fetched fresh and the entry replaced;
     ``max_age``: only entries stored at most this many seconds ago are served;
     ``ttl_seconds``: this entry's own lifetime (0 = never expires);
-    ``namespace``: a separate key space.
+    ``namespace``: a separate key space;
+    ``match``: X-Cache-Match (exact or near), None when not given.
     """
 
     no_store: bool = False
@@ -203,6 +289,7 @@ class RequestControls:
     max_age: int | None = None
     ttl_seconds: int | None = None
     namespace: str | None = None
+    match: str | None = None
 
 
 def _header_error(message: str) -> InvalidRequest:
@@ -238,7 +325,8 @@ def parse_cache_control(value: str | None) -> tuple[bool, bool, int | None]:
 
 
 def parse_request_controls(headers: Mapping[str, str]) -> RequestControls:
-    """Read Cache-Control, X-Cache-TTL and X-Cache-Namespace; a bad value raises InvalidRequest."""
+    """Read Cache-Control, X-Cache-TTL, X-Cache-Namespace and X-Cache-Match; a bad value raises
+    InvalidRequest."""
     no_store, no_cache, max_age = parse_cache_control(headers.get("Cache-Control"))
     ttl_seconds = None
     ttl_text = (headers.get("X-Cache-TTL") or "").strip()
@@ -252,7 +340,10 @@ def parse_request_controls(headers: Mapping[str, str]) -> RequestControls:
         raise _header_error(
             "X-Cache-Namespace must be 1-64 characters: letters, digits and . _ : @ + / - "
             "(starting with a letter or digit).")
-    return RequestControls(no_store, no_cache, max_age, ttl_seconds, namespace)
+    match = (headers.get("X-Cache-Match") or "").strip().lower() or None
+    if match is not None and match not in MATCH_MODES:
+        raise _header_error(f"X-Cache-Match must be exact or near, got {headers.get('X-Cache-Match')!r}.")
+    return RequestControls(no_store, no_cache, max_age, ttl_seconds, namespace, match)
 
 
 def valid_namespace(namespace: str | None) -> bool:
@@ -271,6 +362,12 @@ class Decision:
     max_age: int | None = None
     ttl_seconds: int | None = None
     namespace: str | None = None
+    # The request's inline images (their texts count as digests; stored as references), and the
+    # strings canonical_json found to be plain base64 data URLs.
+    images: tuple[ImageSlot, ...] = ()
+    plain_strings: tuple[str, ...] = ()
+    match: str = "exact"  # CACHE_MATCH, or the request's X-Cache-Match
+    near: Any = None  # near_match.NearRequest, set by the proxy for requests in near mode
 
     @property
     def bypass(self) -> bool:
@@ -285,6 +382,7 @@ def decide(
     bypass_header: bool = False,
     partition: str | None = None,
     controls: RequestControls | None = None,
+    images: Sequence[ImageSlot] = (),
 ) -> Decision:
     """Derive the key and decide; the first reason that applies wins, as in the original.
 
@@ -293,16 +391,19 @@ def decide(
     request's Cache-Control / X-Cache-* headers) come after the original's reasons:
     ``no-store`` keeps the read and drops the write, ``no-cache`` drops the read. With neither a
     partition nor a namespace the key is byte-identical to the original server's.
+    ``images`` (the endpoint's ``inline_images``): each counts against CACHE_MAX_INPUT_CHARS as
+    the length of its digest, not of its base64.
     """
     controls = controls or RequestControls()
-    ignore = ignored_keys(settings.cache_ignore_keys)
     clean_strings: list[str] = []  # screenshots, already checked once: see canonical_json
-    canonical = canonical_json(canonical_payload(mode, body, ignore), clean_strings)
+    canonical = canonical_request(settings, mode, body, clean_strings)
     key = hash_canonical(canonical, partition, controls.namespace)
+    images = tuple(images)
+    match = controls.match or settings.cache_match
 
     def bypass(reason: str) -> Decision:
         return Decision(key, canonical, read=False, write=False, reason=reason,
-                        namespace=controls.namespace)
+                        namespace=controls.namespace, images=images, match=match)
 
     if bypass_header:
         return bypass("X-Cache-Bypass requested")
@@ -312,7 +413,8 @@ def decide(
     model = body.get("model")
     if not model_is_cacheable(str(model), settings.cache_model_allowlist, settings.cache_model_denylist):
         return bypass(f"model is not cacheable: {model}")
-    if len(canonical) > settings.cache_max_input_chars:
+    if len(canonical) > settings.cache_max_input_chars and \
+            len(canonical) - image_discount(image_texts(images)) > settings.cache_max_input_chars:
         return bypass("request is too large for cache")
     if contains_credentials(canonical, clean_strings):
         return bypass("request appears to contain credentials or secrets")
@@ -326,4 +428,7 @@ def decide(
         max_age=controls.max_age,
         ttl_seconds=controls.ttl_seconds,
         namespace=controls.namespace,
+        images=images,
+        plain_strings=tuple(clean_strings),
+        match=match,
     )

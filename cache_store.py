@@ -66,6 +66,14 @@ class NewEntry:
     upstream_seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class NearRecord:
+    """What near matching needs to find an entry again (issue 11)."""
+    group: str           # hex digest: the request with tool ids renumbered and images blanked,
+                         # plus mode, model, partition and namespace (so groups never cross them)
+    fingerprints: bytes  # opaque to the store: the per-image fingerprints, encoded by images.py
+
+
 REQUEST_STATUSES = ("HIT", "MISS", "BYPASS")
 TIMELINE_BUCKET_SECONDS = 10
 TIMELINE_KEEP_SECONDS = 24 * 3600
@@ -82,11 +90,14 @@ class _QueuedPut:
     """One store waiting for the write lock: whoever takes the lock first writes every queued
     one in its transaction, and hands each its outcome or its error."""
 
-    __slots__ = ("entry", "now", "expires_at", "namespace", "done", "outcome", "error", "size")
+    __slots__ = ("entry", "now", "expires_at", "namespace", "near", "done", "outcome", "error", "size")
 
-    def __init__(self, entry: NewEntry, now: float, expires_at: float | None, namespace: str | None):
+    def __init__(self, entry: NewEntry, now: float, expires_at: float | None, namespace: str | None,
+                 near: NearRecord | None = None):
         self.entry = entry
-        self.size = len(entry.request_json) + len(entry.response_json)
+        self.near = near
+        self.size = len(entry.request_json) + len(entry.response_json) + \
+            (len(near.fingerprints) if near is not None else 0)
         self.now = now
         self.expires_at = expires_at
         self.namespace = namespace
@@ -104,6 +115,7 @@ class RequestTally:
     def __init__(self) -> None:
         self.by_model_status: dict[tuple[str, str], int] = {}
         self.coalesced: dict[str, int] = {}
+        self.near_hits: dict[str, int] = {}
         self.timeline: dict[tuple[int, str], int] = {}
         self.recent: list[tuple] = []
 
@@ -111,12 +123,14 @@ class RequestTally:
         return bool(self.by_model_status or self.coalesced)
 
     def add(self, at: float, route: str, status: str, model: str, key: str | None, seconds: float,
-            coalesced: bool) -> None:
+            coalesced: bool, near: bool = False) -> None:
         model = storable_text(model)  # client text: counted under its escape if it must be
         pair = (model, status)
         self.by_model_status[pair] = self.by_model_status.get(pair, 0) + 1
         if coalesced:
             self.coalesced[model] = self.coalesced.get(model, 0) + 1
+        if near:
+            self.near_hits[model] = self.near_hits.get(model, 0) + 1
         bucket = (int(at // TIMELINE_BUCKET_SECONDS) * TIMELINE_BUCKET_SECONDS, status)
         self.timeline[bucket] = self.timeline.get(bucket, 0) + 1
         self.recent.append((at, route, status, model, key, seconds, int(coalesced)))
@@ -128,6 +142,8 @@ class RequestTally:
             self.by_model_status[pair] = self.by_model_status.get(pair, 0) + count
         for model, count in other.coalesced.items():
             self.coalesced[model] = self.coalesced.get(model, 0) + count
+        for model, count in other.near_hits.items():
+            self.near_hits[model] = self.near_hits.get(model, 0) + count
         for bucket, count in other.timeline.items():
             self.timeline[bucket] = self.timeline.get(bucket, 0) + count
         self.recent = (self.recent + other.recent)[-RECENT_REQUESTS_KEPT:]
@@ -139,16 +155,19 @@ class RequestTally:
         bypasses = sum(n for (_, status), n in self.by_model_status.items() if status == "BYPASS")
         db.executemany(
             "UPDATE cache_counters SET value = value + ? WHERE name = ?",
-            [(misses, "misses"), (bypasses, "bypasses"), (sum(self.coalesced.values()), "coalesced")],
+            [(misses, "misses"), (bypasses, "bypasses"), (sum(self.coalesced.values()), "coalesced"),
+             (sum(self.near_hits.values()), "near_hits")],
         )
         models = {model for model, _ in self.by_model_status} | set(self.coalesced)
         left_out = write_rows(
             db,
-            """INSERT INTO model_stats(model, misses, bypasses, coalesced) VALUES (?, ?, ?, ?)
+            """INSERT INTO model_stats(model, misses, bypasses, coalesced, near_hits) VALUES (?, ?, ?, ?, ?)
                ON CONFLICT(model) DO UPDATE SET misses = misses + excluded.misses,
-                   bypasses = bypasses + excluded.bypasses, coalesced = coalesced + excluded.coalesced""",
+                   bypasses = bypasses + excluded.bypasses, coalesced = coalesced + excluded.coalesced,
+                   near_hits = near_hits + excluded.near_hits""",
             [(model, self.by_model_status.get((model, "MISS"), 0),
-              self.by_model_status.get((model, "BYPASS"), 0), self.coalesced.get(model, 0))
+              self.by_model_status.get((model, "BYPASS"), 0), self.coalesced.get(model, 0),
+              self.near_hits.get(model, 0))
              for model in models],
             one_by_one,
         )
@@ -651,6 +670,11 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
                        [value for row in part for value in row])
         for sql, params in updates:
             db.execute(sql, params)
+        near_rows = [(put.entry.key, put.near.group, put.near.fingerprints, put.now)
+                     for put in batch if put.near is not None]
+        if near_rows:
+            db.executemany("INSERT OR REPLACE INTO near_index(cache_key, near_group, fingerprints, "
+                           "stored_at) VALUES (?, ?, ?, ?)", near_rows)
         return outcomes
 
     def _write_batch(self, batch: list[_QueuedPut]) -> None:
@@ -737,20 +761,14 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
         than that many seconds ago (its updated_at: a forced refresh makes it young again).
         """
         self._start_maintainer()
-        db, generation = self._checkout()
-        try:
-            row = db.execute(
-                "SELECT mode, model, response_json, created_at, updated_at, hits, expires_at "
-                "FROM completions WHERE cache_key = ?",
-                (key,),
-            ).fetchone()
-        except sqlite3.Error as exc:
-            self._report_error("read")
-            raise StoreError(str(exc)) from exc
-        finally:
-            self._checkin(db, generation)
-        if row is None:
+        rows = self._pooled_read(
+            "SELECT mode, model, response_json, created_at, updated_at, hits, expires_at "
+            "FROM completions WHERE cache_key = ?",
+            (key,),
+        )
+        if not rows:
             return None
+        row = rows[0]
         now = self.clock()
         if self.is_expired(row[3], now, row[6]):
             return None
@@ -759,12 +777,15 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
         return CachedEntry(key, *row[:6])
 
     def put(self, entry: NewEntry, *, ttl_seconds: float | None = None,
-            namespace: str | None = None) -> str:
+            namespace: str | None = None, near: NearRecord | None = None) -> str:
         """Insert or replace; "stored" for a new (or expired) entry, "updated" otherwise.
 
         Replacing a live entry keeps its created_at, so the TTL counts from the first store.
         ``ttl_seconds`` gives this entry its own lifetime from now (0 = never expires); without
         it the server's TTL applies. The expiry follows the latest store of the key.
+        ``near``: the entry's near-matching record, stored (or replaced) with it and deleted
+        with it. A store without one leaves an earlier record of the key in place: the key is
+        the same request, so the record still describes it.
         """
         self._start_maintainer()
         now = self.clock()
@@ -775,13 +796,38 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
         else:
             expires_at = now + ttl_seconds
 
-        outcome = self._write_queued(_QueuedPut(entry, now, expires_at, namespace))
+        outcome = self._write_queued(_QueuedPut(entry, now, expires_at, namespace, near))
         self._bytes_since_checkpoint += len(entry.request_json) + len(entry.response_json)
         if self._bytes_since_checkpoint > CHECKPOINT_AFTER_BYTES:
             self._flusher_wake.set()
         if self.max_entries or self.max_bytes:
             self._maintainer_wake.set()  # eviction runs in the background, never here
         return outcome  # type: ignore[return-value]
+
+    def near_candidates(self, group: str, limit: int = 16) -> list[tuple[str, bytes]]:
+        """(cache_key, fingerprints) of the live entries in a near group, most recently stored
+        first, at most ``limit``."""
+        now = self.clock()
+        rows = self._pooled_read(
+            "SELECT n.cache_key, n.fingerprints FROM near_index n "
+            "JOIN completions c ON c.cache_key = n.cache_key "
+            "WHERE n.near_group = ? AND CASE WHEN c.expires_at IS NOT NULL THEN c.expires_at >= ? "
+            "WHEN ? <= 0 THEN 1 ELSE ? - c.created_at <= ? END "
+            "ORDER BY n.stored_at DESC LIMIT ?",
+            (group, now, self.ttl_seconds, now, self.ttl_seconds, int(limit)),
+        )
+        return [(key, bytes(blob)) for key, blob in rows]
+
+    def _pooled_read(self, sql: str, params: tuple) -> list[tuple]:
+        """The rows of one query on a pooled connection (the request paths' reads)."""
+        db, generation = self._checkout()
+        try:
+            return db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            self._report_error("read")
+            raise StoreError(str(exc)) from exc
+        finally:
+            self._checkin(db, generation)
 
     def record_hit(self, key: str) -> None:
         """Count a hit in memory; written with the next batch, not on the request path."""
@@ -795,11 +841,12 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
                 pending[1] = now
 
     def record_request(self, status: str, model: str, *, route: str = "", key: str | None = None,
-                       seconds: float = 0.0, coalesced: bool = False) -> None:
-        """Count one answered request (HIT, MISS or BYPASS) in memory; written with the hits."""
+                       seconds: float = 0.0, coalesced: bool = False, near: bool = False) -> None:
+        """Count one answered request (HIT, MISS or BYPASS; ``near``: a near hit) in memory;
+        written with the hits."""
         at = self.clock()
         with self._lock:
-            self._pending_requests.add(at, route, status, model, key, seconds, coalesced)
+            self._pending_requests.add(at, route, status, model, key, seconds, coalesced, near)
 
     def delete(self, key: str) -> bool:
         return bool(self._write(
@@ -825,7 +872,7 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
             counters = dict(db.execute("SELECT name, value FROM cache_counters"))
             (last_updated_at,) = db.execute("SELECT max(updated_at) FROM completions").fetchone()
             model_rows = db.execute(
-                "SELECT model, hits, misses, bypasses, coalesced, prompt_tokens_saved, "
+                "SELECT model, hits, misses, bypasses, coalesced, near_hits, prompt_tokens_saved, "
                 "completion_tokens_saved, cost_saved_usd, time_saved_seconds "
                 "FROM model_stats ORDER BY model"
             ).fetchall()
@@ -846,16 +893,18 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
             "misses": misses,
             "bypasses": int(counters.get("bypasses", 0)),
             "coalesced": int(counters.get("coalesced", 0)),
+            "near_hits": int(counters.get("near_hits", 0)),
             "hit_rate": hit_rate(hits_served, misses),
             "db_bytes": self.db_bytes(),
             **savings(counters.get("prompt_tokens_saved", 0), counters.get("completion_tokens_saved", 0),
                       counters.get("cost_saved_usd", 0), counters.get("time_saved_seconds", 0)),
             "by_model": {
                 model: {"hits": hits, "misses": model_misses, "bypasses": bypasses,
-                        "coalesced": coalesced, "hit_rate": hit_rate(hits, model_misses),
+                        "coalesced": coalesced, "near_hits": near_hits,
+                        "hit_rate": hit_rate(hits, model_misses),
                         **savings(prompt, completion, cost, seconds)}
-                for model, hits, model_misses, bypasses, coalesced, prompt, completion, cost, seconds
-                in model_rows
+                for model, hits, model_misses, bypasses, coalesced, near_hits, prompt, completion, cost,
+                seconds in model_rows
             },
         }
 

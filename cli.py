@@ -8,6 +8,8 @@ so the importing server answers exactly what the exporting one did.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import math
@@ -23,6 +25,7 @@ from flask.cli import AppGroup
 
 from cache_policy import canonical_json, hash_canonical, valid_namespace
 from cache_store import SQLiteStore, StoreError
+from images import decode_prints, holds_image_references
 from wire import lone_surrogate_path
 
 EXTENSION = "computer_use_cache"
@@ -259,7 +262,9 @@ def record_from_line(raw: bytes | str) -> dict:
     """One export line, checked; raises ValueError saying what is wrong.
 
     The key must be the hash of the stored request (and namespace), so a line can never make
-    one request answer with another's response.
+    one request answer with another's response. A request whose inline images were stored as
+    references (their digests) cannot be hashed again without the images: its key is taken as
+    exported, so import such files only from a cache you trust.
     """
     try:
         record = json.loads(raw)
@@ -296,12 +301,13 @@ def record_from_line(raw: bytes | str) -> dict:
     if request.get("mode") != mode or str(request.get("model")) != model:
         raise ValueError("mode/model do not match request_json")
     canonical = canonical_json(request)
-    if hash_canonical(canonical, namespace=namespace) != key:
+    if hash_canonical(canonical, namespace=namespace) != key and not holds_image_references(request):
         raise ValueError("key is not the hash of request_json (and namespace)")
     if not isinstance(response, dict):
         raise ValueError("response_json must hold a JSON object")
     created_at = _number(record, "created_at")
     updated_at = _number(record, "updated_at")
+    near_group, near_fingerprints = _near_record(record)
     return {
         "key": key, "mode": mode, "model": model, "namespace": namespace,
         # The same text the proxy stores: the canonical request plus its key.
@@ -309,4 +315,21 @@ def record_from_line(raw: bytes | str) -> dict:
         "response_json": response_text,
         "created_at": created_at, "updated_at": max(updated_at or 0.0, created_at or 0.0),
         "expires_at": _number(record, "expires_at", optional=True),
+        "near_group": near_group, "near_fingerprints": near_fingerprints,
     }
+
+
+def _near_record(record: dict) -> tuple[str | None, bytes | None]:
+    """The entry's near-matching record (near_group, near_fingerprints), when the line has one."""
+    if record.get("near_group") is None and record.get("near_fingerprints") is None:
+        return None, None
+    group = record.get("near_group")
+    if not isinstance(group, str) or not _KEY.fullmatch(group):
+        raise ValueError("near_group must be 64 lowercase hex characters")
+    try:
+        fingerprints = base64.b64decode(record.get("near_fingerprints") or "", validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        fingerprints = b""
+    if decode_prints(fingerprints) is None:
+        raise ValueError("near_fingerprints must be the base64 of fingerprints this cache wrote")
+    return group, fingerprints

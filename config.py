@@ -8,7 +8,9 @@ nothing else in the code base reads ``os.environ``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -46,11 +48,17 @@ def _parse_non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _parse_port(text: str) -> int:
-    value = int(text.strip())
-    if not 0 <= value <= 65535:
-        raise ValueError(f"must be a port number 0-65535, got {text!r}")
-    return value
+def _parse_within(kind: Callable[[str], Any], low: Any, high: Any, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text.strip())
+        if not low <= value <= high:
+            raise ValueError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_parse_port = _parse_within(int, 0, 65535, "a port number 0-65535")
 
 
 def _parse_str(text: str) -> str:
@@ -64,6 +72,59 @@ def _parse_secret(text: str) -> str:
     return value
 
 
+MATCH_MODES = ("exact", "near")
+
+
+def parse_match(text: str) -> str:
+    value = text.strip().lower()
+    if value not in MATCH_MODES:
+        raise ValueError(f"must be one of {', '.join(MATCH_MODES)}, got {text!r}")
+    return value
+
+
+parse_fraction = _parse_within(float, 0, 1, "a fraction from 0 to 1")
+
+
+def parse_regions(text: str) -> tuple[tuple[float, float, float, float], ...]:
+    """``x0,y0,x1,y1;...``: rectangles as fractions of an image's width and height."""
+    regions = []
+    for item in text.split(";"):
+        if not item.strip():
+            continue
+        parts = item.split(",")
+        if len(parts) != 4:
+            raise ValueError(f"each region is x0,y0,x1,y1 (fractions), got {item.strip()!r}")
+        x0, y0, x1, y1 = (parse_fraction(part) for part in parts)
+        if not (x0 < x1 and y0 < y1):
+            raise ValueError(f"a region needs x0 < x1 and y0 < y1, got {item.strip()!r}")
+        regions.append((x0, y0, x1, y1))
+    return tuple(regions)
+
+
+def parse_patterns(text: str) -> tuple[str, ...]:
+    """Regular expressions as a JSON list of strings, or one per line; each must compile."""
+    patterns: Any = None
+    if text.lstrip().startswith("["):
+        try:
+            patterns = json.loads(text)
+        except ValueError:
+            patterns = None
+        if not (isinstance(patterns, list) and all(isinstance(item, str) for item in patterns)):
+            patterns = None
+    if patterns is None:
+        patterns = [line.strip() for line in text.splitlines() if line.strip()]
+    check_patterns(patterns)
+    return tuple(patterns)
+
+
+def check_patterns(patterns: Any) -> None:
+    for number, pattern in enumerate(patterns, start=1):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"pattern {number} ({pattern!r}) does not compile: {exc}") from None
+
+
 _PARSERS: dict[type | str, Callable[[str], Any]] = {
     "bool": parse_bool,
     "int": _parse_non_negative(int),
@@ -72,6 +133,10 @@ _PARSERS: dict[type | str, Callable[[str], Any]] = {
     "str": _parse_str,
     "secret": _parse_secret,
     "list": parse_list,
+    "match": parse_match,
+    "fraction": parse_fraction,
+    "regions": parse_regions,
+    "patterns": parse_patterns,
 }
 
 
@@ -106,7 +171,8 @@ class Settings:
         "Age after which an entry is a miss and is replaced; 0 = never expire.")
     cache_max_input_chars: int = setting(
         "CACHE_MAX_INPUT_CHARS", 120000, "int",
-        "Requests whose canonical form is longer are answered but not cached.")
+        "Requests whose canonical form is longer are answered but not cached (each inline image "
+        "counts as the 64 characters of a digest).")
     cache_max_response_chars: int = setting(
         "CACHE_MAX_RESPONSE_CHARS", 240000, "int", "Responses longer than this are not stored.")
     cache_model_allowlist: tuple[str, ...] = setting(
@@ -118,6 +184,21 @@ class Settings:
     cache_ignore_keys: tuple[str, ...] = setting(
         "CACHE_IGNORE_KEYS", (), "list",
         "Comma-separated top-level body fields left out of the cache key.")
+    cache_ignore_patterns: tuple[str, ...] = setting(
+        "CACHE_IGNORE_PATTERNS", (), "patterns",
+        "Regular expressions (a JSON list, or one per line) whose matches in message text are "
+        "replaced by a fixed placeholder before the key is made (dates, step counters).")
+    cache_match: str = setting(
+        "CACHE_MATCH", "exact", "match",
+        "exact, or near: a request that misses may be answered by an entry whose request differs "
+        "only in tool-call ids and in screenshots that changed a little (X-Cache-Match per request).")
+    cache_screenshot_tolerance: float = setting(
+        "CACHE_SCREENSHOT_TOLERANCE", 0.002, "fraction",
+        "Near matching: the share of a screenshot's area that may differ (0.002 = 0.2%).")
+    cache_screenshot_ignore_regions: tuple[tuple[float, float, float, float], ...] = setting(
+        "CACHE_SCREENSHOT_IGNORE_REGIONS", (), "regions",
+        "Near matching: rectangles x0,y0,x1,y1;... (fractions of width and height) whose pixels "
+        "never count, e.g. 0.88,0.95,1,1 for a bottom-right clock.")
     include_cache_metadata: bool = setting(
         "INCLUDE_CACHE_METADATA", False, "bool",
         "Add a code_model_cache object to JSON responses (never stored).")
@@ -213,6 +294,10 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
 
 def check_combinations(settings: Settings) -> None:
     """Settings that are valid alone but unsafe together fail start-up with one clear line."""
+    try:  # settings given in code (tests) skip the parsers
+        check_patterns(settings.cache_ignore_patterns)
+    except ValueError as exc:
+        raise SettingsError(f"CACHE_IGNORE_PATTERNS is not valid: {exc}") from None
     if settings.proxy_api_keys and not settings.upstream_api_key:
         # The client's bearer is then the proxy key: forwarding it upstream would leak it and fail.
         raise SettingsError(

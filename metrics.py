@@ -152,6 +152,9 @@ class Monitor(RequestObserver):
         self.hit_latency = Histogram(f"{PREFIX}_hit_latency_seconds",
                                      "Time to answer a cache hit (until the response starts).",
                                      buckets=HIT_LATENCY_BUCKETS, registry=owner)
+        self.near_hits = Counter(f"{PREFIX}_near_hits",
+                                 "Cache hits answered by near matching (also counted as HIT in "
+                                 f"{PREFIX}_requests_total).", ["route"], registry=owner)
         self.coalesced = Counter(f"{PREFIX}_coalesced_requests",
                                  "Requests answered by waiting for an identical request in flight.",
                                  registry=owner)
@@ -198,8 +201,9 @@ class Monitor(RequestObserver):
     # -- Flask ---------------------------------------------------------------------------------
 
     def count_response(self, route: str, status: str, key: str | None, coalesced: bool,
-                       seconds: float, model: str) -> None:
-        """One answered completion request: ``status`` is its X-Computer-Use-Cache value."""
+                       seconds: float, model: str, near: bool = False) -> None:
+        """One answered completion request: ``status`` is its X-Computer-Use-Cache value;
+        ``near``: a hit found by near matching."""
         counter = self._request_counters.get((route, status))
         if counter is None:
             counter = self._request_counters[(route, status)] = self.requests.labels(route, status)
@@ -208,8 +212,10 @@ class Monitor(RequestObserver):
             self.hit_latency.observe(seconds)
         if coalesced:
             self.coalesced.inc()
+        if near:
+            self.near_hits.labels(route).inc()
         self.store.record_request(status, model, route=route, key=key, seconds=seconds,
-                                  coalesced=coalesced)
+                                  coalesced=coalesced, near=near)
 
     def exposition(self) -> bytes:
         if not self.multiprocess_dir:

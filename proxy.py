@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
@@ -25,8 +23,11 @@ from coalesce import Coalescer
 from config import Settings
 from errors import PayloadTooLarge, UpstreamFailed
 from guard import body_too_large_message
+from images import with_image_references
 from key_partition import ClientPartitions, KeySecretError
 from metrics import RequestObserver
+from near_match import NearMatcher
+from recent_items import RecentItems
 from streaming import StreamCapture, expected_choice_count, replay
 from upstream import UpstreamClient, UpstreamStream, relayable_headers
 from wire import Endpoint, parse_request_json, uncacheable_reason, wants_stream, wants_usage
@@ -40,7 +41,8 @@ SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 # Request headers that change what the cache may do (as WSGI environ keys, looked up directly);
 # their requests skip the known-bytes path.
 _CONTROL_HEADER_KEYS = ("HTTP_X_CACHE_BYPASS", "HTTP_CACHE_CONTROL", "HTTP_X_CACHE_TTL",
-                        "HTTP_X_CACHE_NAMESPACE")
+                        "HTTP_X_CACHE_NAMESPACE", "HTTP_X_CACHE_MATCH")
+MATCH_HEADER = "X-Computer-Use-Cache-Match"
 _FINGERPRINT_ENVIRON = "computer_use_cache.fingerprint"
 _UNSAFE_HEADER_CHARS = re.compile(r"[^\x20-\x7e]")
 
@@ -51,8 +53,9 @@ def header_safe(text: str, limit: int = 512) -> str:
 
 
 def cache_headers(status: str, key: str | None = None, store: str | None = None,
-                  reason: str | None = None, coalesced: bool = False) -> dict[str, str]:
-    """The decision headers, under the product's prefix and the original's legacy prefix."""
+                  reason: str | None = None, coalesced: bool = False, match: str = "exact") -> dict[str, str]:
+    """The decision headers, under the product's prefix and the original's legacy prefix; a hit
+    also says how it matched (exact, or near)."""
     headers = {}
     for prefix in HEADER_PREFIXES:
         headers[prefix] = status
@@ -64,6 +67,8 @@ def cache_headers(status: str, key: str | None = None, store: str | None = None,
             headers[f"{prefix}-Bypass-Reason"] = header_safe(reason)
     if coalesced:
         headers["X-Computer-Use-Cache-Coalesced"] = "true"
+    if status == "HIT":
+        headers[MATCH_HEADER] = match
     return headers
 
 
@@ -85,9 +90,10 @@ class Outcome:
     store: str | None = None
     reason: str | None = None
     coalesced: bool = False
+    match: str = "exact"
 
     def headers(self) -> dict[str, str]:
-        return cache_headers(self.status, self.key, self.store, self.reason, self.coalesced)
+        return cache_headers(self.status, self.key, self.store, self.reason, self.coalesced, self.match)
 
     def metadata(self) -> dict[str, Any]:
         return {"cache_hit": self.status == "HIT", "cache_key": self.key,
@@ -100,31 +106,6 @@ def _parse_stored(entry: CachedEntry) -> Any:
     except ValueError:
         log.warning("unreadable cache entry %s treated as a miss", entry.key[:12])
         return None
-
-
-class RecentItems:
-    """A small thread-safe LRU (values of at most ``max_bytes`` when they are bytes)."""
-
-    def __init__(self, max_entries: int, max_bytes: int = 64 * 1024):
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, name: Any) -> Any:
-        with self._lock:
-            value = self._items.get(name)
-            if value is not None:
-                self._items.move_to_end(name)
-            return value
-
-    def put(self, name: Any, value: Any) -> None:
-        if isinstance(value, bytes) and len(value) > self.max_bytes:
-            return
-        with self._lock:
-            self._items[name] = value
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -165,6 +146,7 @@ class CompletionProxy:
         self.coalescer = coalescer
         self.observer = RequestObserver()  # create_app puts its metrics.Monitor here
         self.partitions = ClientPartitions(settings)
+        self.near = NearMatcher(settings, store)
         # Rendered replays, keyed by entry version, so a re-stored entry is never served
         # stale; a deleted entry is never reached because the store lookup comes first.
         self._replays = RecentItems(256)
@@ -192,6 +174,10 @@ class CompletionProxy:
             if entry is not None:
                 hit = self._answer_hit(endpoint, entry, Outcome("HIT", decision.key), stream,
                                        include_usage)
+                if hit is not None:
+                    return hit.response()
+            if decision.near is not None:
+                hit = self._near_hit(endpoint, decision, stream, include_usage)
                 if hit is not None:
                     return hit.response()
         flight = None
@@ -271,12 +257,15 @@ class CompletionProxy:
             bypass_header=switch_value(request.headers.get("X-Cache-Bypass", "0")),
             partition=partition,
             controls=parse_request_controls(request.headers),
+            images=endpoint.inline_images(body),
         )
         if decision.bypass:
             return decision
         unavailable = unavailable or self.store.unavailable_reason()
         if unavailable:
             return replace(decision, read=False, write=False, reason=f"cache unavailable: {unavailable}")
+        if decision.match == "near":
+            decision = replace(decision, near=self.near.request(endpoint, body, decision, partition))
         return decision
 
     def _begin_flight(self, key: str):
@@ -295,6 +284,20 @@ class CompletionProxy:
         except StoreError as exc:
             log.warning("cache lookup failed, answering without the cache: %s", exc)
             return None
+
+    def _near_hit(self, endpoint: Endpoint, decision: Decision, stream: bool,
+                  include_usage: bool) -> StoredReply | None:
+        """The closest stored answer near matching finds for a request that missed exactly,
+        headed with that entry's key and ``...-Match: near``; None when there is none."""
+        try:
+            entry = self.near.find(decision.near, decision.max_age)
+        except StoreError as exc:
+            log.warning("near lookup failed, going on without it: %s", exc)
+            return None
+        if entry is None:
+            return None
+        return self._answer_hit(endpoint, entry, Outcome("HIT", entry.key, match="near"), stream,
+                                include_usage)
 
     def _answer_hit(self, endpoint: Endpoint, entry: CachedEntry, outcome: Outcome,
                     stream: bool, include_usage: bool) -> StoredReply | None:
@@ -378,12 +381,16 @@ class CompletionProxy:
             return f"skipped: {reason}"
         if len(text) > self.settings.cache_max_response_chars:
             return "skipped: response is too large for cache"
-        request_json = decision.canonical[:-1] + f',"cache_key":"{decision.key}"}}'
+        # Screenshots are stored as references (digest, media type, size): the key has their pixels.
+        canonical = with_image_references(decision.canonical, decision.images, decision.plain_strings)
+        request_json = canonical[:-1] + f',"cache_key":"{decision.key}"}}'
+        near = decision.near.record() if decision.near is not None else None
         try:
             return self.store.put(NewEntry(decision.key, endpoint.mode, str(body.get("model")),
                                            _storable(request_json), _storable(text),
                                            **self.observer.entry_figures(data)),
-                                  ttl_seconds=decision.ttl_seconds, namespace=decision.namespace)
+                                  ttl_seconds=decision.ttl_seconds, namespace=decision.namespace,
+                                  near=near)
         except StoreError as exc:
             log.warning("cache write failed: %s", exc)
             return f"skipped: cache write failed: {exc}"

@@ -34,7 +34,7 @@ from errors import ServiceUnavailable
 from errors import error_body
 from fast_lane import KnownHitLane
 from metrics import Monitor
-from proxy import CompletionProxy, cache_headers
+from proxy import MATCH_HEADER, CompletionProxy, cache_headers
 from upstream import UpstreamClient, bearer_token, relayable_headers
 from wire import CHAT, CHAT_ROUTES, COMPLETION, COMPLETION_ROUTES, MODEL_ROUTES
 
@@ -48,12 +48,12 @@ COMPLETION_ENDPOINTS = ("chat:", "completion:")  # endpoint names of the complet
 ROOT_ENDPOINTS = ["/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/models",
                   "/cache/stats"]
 CORS_ALLOW_HEADERS = ("Authorization, Content-Type, X-Cache-Bypass, X-Cache-Admin-Token, "
-                      "Cache-Control, X-Cache-TTL, X-Cache-Namespace")
+                      "Cache-Control, X-Cache-TTL, X-Cache-Namespace, X-Cache-Match")
 CORS_EXPOSE_HEADERS = ", ".join(
     f"{prefix}{suffix}"
     for prefix in ("X-Computer-Use-Cache", "X-Code-Model-Cache")
     for suffix in ("", "-Key", "-Store", "-Bypass-Reason")
-) + ", X-Computer-Use-Cache-Coalesced"
+) + f", X-Computer-Use-Cache-Coalesced, {MATCH_HEADER}"
 
 
 def store_from_settings(settings: Settings, **options: Any) -> SQLiteStore:
@@ -304,7 +304,8 @@ def register_http_behaviour(app: Flask, settings: Settings, monitor: Monitor,
             started = time.perf_counter()
         elif cache is not None and rule is not None and rule.endpoint.startswith(COMPLETION_ENDPOINTS):
             monitor.count_response(route, cache, key, COALESCED_HEADER in headers,
-                                   time.perf_counter() - started, monitor.current_model())
+                                   time.perf_counter() - started, monitor.current_model(),
+                                   near=headers.get(MATCH_HEADER) == "near")
         method, status = request.method, response.status_code
 
         def write_line() -> None:

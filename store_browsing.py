@@ -5,6 +5,7 @@ are the operator's views of the table, never on a cached request's path.
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -100,36 +101,55 @@ class StoreBrowsing:
         }
 
     def export_rows(self, batch: int = MAINTENANCE_BATCH) -> Iterator[dict]:
-        """Every entry with the fields an import needs, in insertion order, a page at a time."""
+        """Every entry with the fields an import needs, in insertion order, a page at a time.
+
+        An entry indexed for near matching also carries ``near_group`` and
+        ``near_fingerprints`` (base64)."""
         self.flush()
         last_rowid = -1
         while True:
             try:
                 rows = self._db().execute(
-                    "SELECT rowid, cache_key, mode, model, namespace, request_json, response_json, "
-                    "created_at, updated_at, expires_at FROM completions WHERE rowid > ? "
-                    "ORDER BY rowid LIMIT ?", (last_rowid, batch)).fetchall()
+                    "SELECT c.rowid, c.cache_key, mode, model, namespace, request_json, response_json, "
+                    "created_at, updated_at, expires_at, n.near_group, n.fingerprints "
+                    "FROM completions c LEFT JOIN near_index n ON n.cache_key = c.cache_key "
+                    "WHERE c.rowid > ? ORDER BY c.rowid LIMIT ?", (last_rowid, batch)).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(str(exc)) from exc
             if not rows:
                 return
             for row in rows:
                 last_rowid = row[0]
-                yield dict(zip(("key", "mode", "model", "namespace", "request_json",
-                                "response_json", "created_at", "updated_at", "expires_at"), row[1:]))
+                record = dict(zip(("key", "mode", "model", "namespace", "request_json",
+                                   "response_json", "created_at", "updated_at", "expires_at"), row[1:10]))
+                if row[10] is not None:
+                    record["near_group"] = row[10]
+                    record["near_fingerprints"] = base64.b64encode(row[11]).decode("ascii")
+                yield record
 
     def insert_new(self, records: list[dict]) -> int:
         """Insert entries whose key is absent; an existing entry is never touched.
 
         Returns how many were inserted. Imported entries start with no hits of their own here.
+        A record with ``near_group`` and ``near_fingerprints`` (bytes) is indexed for near
+        matching, unless its key already had a near record.
         """
         rows = [(r["key"], r["mode"], r["model"], r["namespace"], r["request_json"],
                  r["response_json"], r["created_at"], r["updated_at"], r["expires_at"])
                 for r in records]
-        return int(self._write(lambda db: db.executemany(  # type: ignore[arg-type]
-            "INSERT OR IGNORE INTO completions(cache_key, mode, model, namespace, request_json, "
-            "response_json, created_at, updated_at, expires_at, last_hit_at, hits) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0)", rows).rowcount))
+        near_rows = [(r["key"], r["near_group"], r["near_fingerprints"], r["updated_at"])
+                     for r in records if r.get("near_group") is not None]
+
+        def insert(db: sqlite3.Connection) -> int:
+            inserted = db.executemany(
+                "INSERT OR IGNORE INTO completions(cache_key, mode, model, namespace, request_json, "
+                "response_json, created_at, updated_at, expires_at, last_hit_at, hits) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 0)", rows).rowcount
+            db.executemany("INSERT OR IGNORE INTO near_index(cache_key, near_group, fingerprints, "
+                           "stored_at) VALUES (?, ?, ?, ?)", near_rows)
+            return inserted
+
+        return int(self._write(insert))  # type: ignore[arg-type]
 
     def entry_count(self) -> int:
         try:

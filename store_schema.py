@@ -185,9 +185,35 @@ def _m004_bounded_store(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS idx_completions_namespace ON completions(namespace)")
 
 
+def _m005_near_index(db: sqlite3.Connection) -> None:
+    """What near matching needs to find an entry again (CACHE_MATCH=near): the entry's near group
+    (its request normalised: tool-call ids renumbered, images blanked) and its screenshots'
+    fingerprints, beside the entry and gone with it (a trigger: delete, clear, purge, evict).
+    Near hits are counted apart from exact ones, in total and per model."""
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS near_index (
+            cache_key TEXT PRIMARY KEY,
+            near_group TEXT NOT NULL,
+            fingerprints BLOB NOT NULL,
+            stored_at REAL NOT NULL
+        )"""
+    )
+    # A lookup reads one group's newest rows first and stops at its limit.
+    db.execute("CREATE INDEX IF NOT EXISTS idx_near_index_group ON near_index(near_group, stored_at)")
+    db.execute(
+        """CREATE TRIGGER IF NOT EXISTS completions_near_index_delete AFTER DELETE ON completions
+        BEGIN
+            DELETE FROM near_index WHERE cache_key = OLD.cache_key;
+        END"""
+    )
+    db.execute("INSERT OR IGNORE INTO cache_counters(name, value) VALUES ('near_hits', 0)")
+    db.execute("ALTER TABLE model_stats ADD COLUMN near_hits INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], ...] = (
     (1, "initial", _m001_initial),
     (2, "counters", _m002_counters),
     (3, "stats", _m003_stats),
     (4, "bounded_store", _m004_bounded_store),
+    (5, "near_index", _m005_near_index),
 )

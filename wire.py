@@ -12,9 +12,10 @@ import re
 from array import array
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from errors import InvalidRequest
+from images import IdSlot, ImageSlot
 
 MAX_JSON_DEPTH = 256
 
@@ -282,18 +283,62 @@ def validate_completion(body: Mapping[str, Any]) -> None:
     _require_stream_flag(body)
 
 
+def _messages(body: Mapping[str, Any]) -> list[dict]:
+    messages = body.get("messages")
+    return [message for message in messages if isinstance(message, dict)] \
+        if isinstance(messages, list) else []
+
+
+def chat_inline_images(body: Mapping[str, Any]) -> Iterator[ImageSlot]:
+    """Chat's inline images: ``messages[].content[]`` parts of type image_url whose URL (in
+    ``image_url.url``, or ``image_url`` itself as a string) is a data: URL."""
+    for message in _messages(body):
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            image = part.get("image_url")
+            if isinstance(image, dict) and isinstance(image.get("url"), str) \
+                    and image["url"].startswith("data:"):
+                yield ImageSlot(image, "url", "data_url", None)
+            elif isinstance(image, str) and image.startswith("data:"):
+                yield ImageSlot(part, "image_url", "data_url", None)
+
+
+def chat_tool_call_ids(body: Mapping[str, Any]) -> Iterator[IdSlot]:
+    """Chat's echoed tool-call ids: ``messages[].tool_calls[].id`` and ``messages[].tool_call_id``."""
+    for message in _messages(body):
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    yield IdSlot(call, "id")
+        if isinstance(message.get("tool_call_id"), str):
+            yield IdSlot(message, "tool_call_id")
+
+
+def no_slots(body: Mapping[str, Any]) -> Iterator[Any]:
+    return iter(())
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """One cacheable API: its cache mode, upstream path and object names."""
+    """One cacheable API: its cache mode, upstream path and object names, and where its
+    requests keep inline images and echoed tool-call ids (images.py)."""
 
     mode: str
     upstream_path: str
     object_name: str
     chunk_object_name: str
     validate: Callable[[Mapping[str, Any]], None]
+    inline_images: Callable[[Mapping[str, Any]], Iterator[ImageSlot]] = no_slots
+    tool_call_ids: Callable[[Mapping[str, Any]], Iterator[IdSlot]] = no_slots
 
 
-CHAT = Endpoint("chat", "/chat/completions", "chat.completion", "chat.completion.chunk", validate_chat)
+CHAT = Endpoint("chat", "/chat/completions", "chat.completion", "chat.completion.chunk", validate_chat,
+                chat_inline_images, chat_tool_call_ids)
 COMPLETION = Endpoint("completion", "/completions", "text_completion", "text_completion",
                       validate_completion)
 ENDPOINTS = {endpoint.mode: endpoint for endpoint in (CHAT, COMPLETION)}

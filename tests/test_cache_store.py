@@ -16,7 +16,7 @@ import pytest
 
 from cache_store import CHECKPOINT_AFTER_BYTES, MAX_BATCH_BYTES, WAL_SIZE_LIMIT_BYTES
 import cache_store
-from cache_store import NewEntry, SQLiteStore, StoreError
+from cache_store import NearRecord, NewEntry, SQLiteStore, StoreError
 from helpers import FakeClock, holds_in_forked_child
 from store_schema import MIGRATIONS
 
@@ -118,6 +118,38 @@ class StoreContract:
         store.close()
         reopened = make_store(ttl_seconds=0, clock=clock)
         assert reopened.get("k").hits == 1
+
+
+    # -- the near-matching index (NearRecord, near_candidates) --------------------------------
+
+    def test_near_candidates__newest_first_limited_and_only_live(self, make_store, clock):
+        store = make_store(ttl_seconds=100, clock=clock)
+        for number in range(5):
+            store.put(entry(f"k{number}"), near=NearRecord("g1", b"print%d" % number))
+            clock.advance(1)
+        store.put(entry("other"), near=NearRecord("g2", b"x"))
+        store.put(entry("short"), ttl_seconds=2, near=NearRecord("g1", b"short"))
+        store.put(entry("plain"))  # stored without near matching: never a candidate
+
+        assert store.near_candidates("g1", limit=3) == [("short", b"short"), ("k4", b"print4"),
+                                                         ("k3", b"print3")]
+        clock.advance(3)  # "short" expired
+        assert [key for key, _ in store.near_candidates("g1")] == ["k4", "k3", "k2", "k1", "k0"]
+        clock.advance(92.5)  # k0 (stored at +0) is past the 100 s TTL, k1 (+1) is not
+        assert [key for key, _ in store.near_candidates("g1")] == ["k4", "k3", "k2", "k1"]
+        assert store.near_candidates("absent") == []
+
+    def test_near_candidates__record_replaced_on_store_and_gone_with_its_entry(self, store):
+        store.put(entry("a"), near=NearRecord("g", b"old"))
+        store.put(entry("a"), near=NearRecord("g", b"new"))
+        store.put(entry("b"), near=NearRecord("g", b"b"))
+        assert dict(store.near_candidates("g")) == {"a": b"new", "b": b"b"}
+        store.put(entry("a"))  # re-stored without a record: the same request, the record stays
+        assert dict(store.near_candidates("g"))["a"] == b"new"
+        store.delete("a")
+        assert store.near_candidates("g") == [("b", b"b")]
+        store.clear()
+        assert store.near_candidates("g") == []
 
 
 class TestSQLiteStore(StoreContract):

@@ -174,16 +174,21 @@ STARTUP_COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("command", STARTUP_COMMANDS.values(), ids=STARTUP_COMMANDS.keys())
-def test_startup__bad_ttl_stops_with_one_line_naming_it(command, tmp_path):
-    env = _clean_env(CACHE_TTL_SECONDS="abc", PORT=str(_free_port()), HOST="127.0.0.1",
-                     CACHE_DB_PATH=str(tmp_path / "c.sqlite3"))
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+def startup_error_line(command: list[str], tmp_path, **env: str) -> str:
+    """Start the server with ``env``; it must stop with one line and no traceback: that line."""
+    environment = _clean_env(PORT=str(_free_port()), HOST="127.0.0.1",
+                             CACHE_DB_PATH=str(tmp_path / "c.sqlite3"), **env)
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    assert "CACHE_TTL_SECONDS" in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", STARTUP_COMMANDS.values(), ids=STARTUP_COMMANDS.keys())
+def test_startup__bad_ttl_stops_with_one_line_naming_it(command, tmp_path):
+    assert "CACHE_TTL_SECONDS" in startup_error_line(command, tmp_path, CACHE_TTL_SECONDS="abc")
 
 
 def _free_port() -> int:

@@ -110,7 +110,7 @@ def test_dashboard__browser_shows_the_figures_the_server_reports(start_proxy, fa
     assert page.text["tokens-saved"] == f"{stats['tokens_saved']['total']:,}"
     assert float(page.attrs["time-saved"]["data-value"]) == stats["time_saved_seconds"]
     for element, field in (("entries", "entries"), ("hits-served", "hits_served"), ("misses", "misses"),
-                           ("bypasses", "bypasses"), ("coalesced", "coalesced")):
+                           ("bypasses", "bypasses"), ("coalesced", "coalesced"), ("near-hits", "near_hits")):
         assert page.text[element] == f"{stats[field]:,}", element
     assert float(page.attrs["db-bytes"]["data-value"]) > 0
 

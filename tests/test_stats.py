@@ -101,12 +101,14 @@ def test_stats__every_figure_exact_and_kept_over_restart(start_proxy, fake_upstr
     path = stats["db_path"]
     assert stats["db_bytes"] == os.path.getsize(path) + os.path.getsize(path + "-wal")
     assert stats["by_model"] == {
-        "test/model-a": {"hits": 5, "misses": 2, "bypasses": 2, "coalesced": 3, "hit_rate": round(5 / 7, 4),
+        "test/model-a": {"hits": 5, "misses": 2, "bypasses": 2, "coalesced": 3, "near_hits": 0,
+                         "hit_rate": round(5 / 7, 4),
                          "tokens_saved": {"prompt": 2 * 11 + 3 * 3, "completion": 2 * 7 + 3 * 2,
                                           "total": 2 * 18 + 3 * 5},
                          "cost_saved_usd": pytest.approx(0.003),
                          "time_saved_seconds": round(per_model_time["test/model-a"], 3)},
-        "test/model-b": {"hits": 2, "misses": 1, "bypasses": 0, "coalesced": 0, "hit_rate": round(2 / 3, 4),
+        "test/model-b": {"hits": 2, "misses": 1, "bypasses": 0, "coalesced": 0, "near_hits": 0,
+                         "hit_rate": round(2 / 3, 4),
                          "tokens_saved": {"prompt": 40, "completion": 10, "total": 50},
                          "cost_saved_usd": pytest.approx(0.004),
                          "time_saved_seconds": round(per_model_time["test/model-b"], 3)},
