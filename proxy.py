@@ -20,7 +20,7 @@ from flask import Request, Response
 
 from cache_policy import Decision, decide, forwarded_json, parse_request_controls, strip_proxy_controls
 from cache_policy import switch_value
-from cache_store import CachedEntry, NewEntry, SQLiteStore, StoreError
+from cache_store import CacheStore, CachedEntry, NewEntry, StoreError
 from coalesce import Coalescer
 from config import Settings
 from errors import PayloadTooLarge, UpstreamFailed
@@ -157,14 +157,14 @@ class KnownRequest:
 
 
 class CompletionProxy:
-    def __init__(self, settings: Settings, store: SQLiteStore, upstream: UpstreamClient,
+    def __init__(self, settings: Settings, store: CacheStore, upstream: UpstreamClient,
                  coalescer: Coalescer | None):
         self.settings = settings
         self.store = store
         self.upstream = upstream
         self.coalescer = coalescer
         self.observer = RequestObserver()  # create_app puts its metrics.Monitor here
-        self.partitions = ClientPartitions(settings)
+        self.partitions = ClientPartitions(settings, store.partition_secret)
         # Rendered replays, keyed by entry version, so a re-stored entry is never served
         # stale; a deleted entry is never reached because the store lookup comes first.
         self._replays = RecentItems(256)
