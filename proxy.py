@@ -194,6 +194,7 @@ class CompletionProxy:
                                        include_usage)
                 if hit is not None:
                     return hit.response()
+            decision = self._unless_unavailable(decision)
         flight = None
         if decision.write and self.coalescer is not None:
             flight = self._begin_flight(decision.key)
@@ -274,6 +275,11 @@ class CompletionProxy:
         )
         if decision.bypass:
             return decision
+        return self._unless_unavailable(decision, unavailable)
+
+    def _unless_unavailable(self, decision: Decision, unavailable: str | None = None) -> Decision:
+        """A BYPASS, with the reason, while the store (or the partition secret) cannot be used;
+        asked again after a lookup, which may just have found the store gone (a Redis fault)."""
         unavailable = unavailable or self.store.unavailable_reason()
         if unavailable:
             return replace(decision, read=False, write=False, reason=f"cache unavailable: {unavailable}")
