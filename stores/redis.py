@@ -385,6 +385,8 @@ class RedisStore(CacheStore):
         self._evict = self.client.register_script(_LUA_EVICT)
         self.release_script = self.client.register_script(_LUA_RELEASE)
         self.renew_script = self.client.register_script(_LUA_RENEW)
+        self._idle: list = []  # the lookup pool (_lookup_command); list.pop/append are atomic
+        self._idle_pid: int | None = None
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._maintenance_lock = threading.Lock()
@@ -459,9 +461,40 @@ class RedisStore(CacheStore):
 
     # -- the request path ----------------------------------------------------------------------
 
+    def _lookup_command(self, *args: Any) -> Any:
+        """One command on a connection of the lookup pool: the hit path's one round trip.
+
+        redis-py's own pool costs several system calls per command on top of it (a readiness
+        poll and two timeout changes) plus bookkeeping: about as much again as the round trip.
+        These connections are taken and given back without them; one that failed in any way
+        is closed, never reused, so a late reply can never be read as the next one's.
+        """
+        idle = self._idle
+        if self._idle_pid != os.getpid():  # after a fork: the parent's sockets are not ours
+            idle = self._idle = []
+            self._idle_pid = os.getpid()
+        try:
+            connection = idle.pop()
+            reused = True
+        except IndexError:
+            connection, reused = self.client.connection_pool.make_connection(), False
+        try:
+            connection.send_command(*args)
+            reply = connection.read_response()
+        except redis.ConnectionError:
+            connection.disconnect()
+            if not reused:
+                raise
+            return self._lookup_command(*args)  # closed while idle (a restart, an idle timeout)
+        except BaseException:
+            connection.disconnect()
+            raise
+        idle.append(connection)
+        return reply
+
     def get(self, key: str, *, max_age: float | None = None) -> CachedEntry | None:
         self._start_threads()
-        row = self.run("read", lambda: self.client.hmget(self.prefix + "e:" + key, _GET_FIELDS))
+        row = self.run("read", lambda: self._lookup_command("HMGET", self.prefix + "e:" + key, *_GET_FIELDS))
         if row[0] is None or row[2] is None:
             return None
         try:
@@ -917,6 +950,9 @@ class RedisStore(CacheStore):
             log.warning("hit counters lost on close: %s", exc)
         with self._maintenance_lock:
             self._threads_pid = None
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.disconnect()
         self.client.connection_pool.disconnect()
 
 
