@@ -27,10 +27,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, password: str | None = None, port: int | None = None):
+    def __init__(self, password: str | None = None, port: int | None = None, tls: bool = False):
         if not Path(REDIS_SERVER).exists():
             raise RuntimeError(MISSING)
         self.password = password
+        self.tls = tls
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="cuc-redis-"))
         self.process: subprocess.Popen | None = None
@@ -38,6 +39,8 @@ class RedisServer:
     def url(self, db: int = 0, password: str | None = None) -> str:
         password = self.password if password is None else password
         auth = f":{password}@" if password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/{db}?ssl_ca_certs={self.dir / 'cert.pem'}"
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def start(self) -> "RedisServer":
@@ -46,6 +49,8 @@ class RedisServer:
                 "--loglevel", "warning", "--protected-mode", "no"]
         if self.password:
             argv += ["--requirepass", self.password]
+        if self.tls:
+            argv[1:3] = ["--port", "0", "--tls-port", str(self.port), *self._certificate()]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                         stderr=open(self.dir / "redis.log", "ab"))
         deadline = time.monotonic() + 10
@@ -57,9 +62,33 @@ class RedisServer:
             time.sleep(0.02)
         raise RuntimeError("redis-server did not answer PING within 10 s")
 
+    def _certificate(self) -> list[str]:
+        """A self-signed certificate for 127.0.0.1 (Debian's openssl), which clients trust."""
+        cert, key = self.dir / "cert.pem", self.dir / "key.pem"
+        if not cert.exists():
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                            "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        return ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                "--tls-auth-clients", "no"]
+
     def _answers_ping(self) -> bool:
+        if self.tls:
+            return self._answers_tls_ping()
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+
+    def _answers_tls_ping(self) -> bool:
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.dir / "cert.pem"))
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw, \
+                    context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:

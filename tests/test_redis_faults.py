@@ -158,3 +158,13 @@ def test_config__a_bad_cache_url_stops_start_up_naming_the_variable(url):
                                  "unix:///run/redis/redis.sock?db=1", "redis://[::1]:6379"])
 def test_config__cache_urls_that_select_a_store(url):
     assert load_settings({"CACHE_URL": url}).cache_url == url
+
+
+def test_redis_store__tls_through_rediss(start_proxy, own_redis, http):
+    redis = own_redis(password=PASSWORD, tls=True)
+    proxy = start_proxy(cache_url=redis.url())
+
+    assert ask(http, proxy, "over TLS", bound=5).headers["X-Computer-Use-Cache"] == "MISS"
+    assert ask(http, proxy, "over TLS", bound=5).headers["X-Computer-Use-Cache"] == "HIT"
+    stats = http.get(proxy.url + "/cache/stats").json()
+    assert stats["entries"] == 1 and stats["db_path"].startswith("rediss://:***@127.0.0.1:")
