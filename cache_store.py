@@ -114,8 +114,10 @@ class CacheStore(ABC):
 
     @abstractmethod
     def put(self, entry: NewEntry, *, ttl_seconds: float | None = None,
-            namespace: str | None = None) -> str:
-        """Insert or replace: "stored" (new or expired) or "updated" (live; keeps created_at)."""
+            namespace: str | None = None, near: NearRecord | None = None) -> str:
+        """Insert or replace: "stored" (new or expired) or "updated" (live; keeps created_at).
+        ``ttl_seconds``: the entry's own lifetime (0 = never expires); ``near``: its near-matching
+        record, replaced with the entry and gone with it."""
 
     @abstractmethod
     def record_hit(self, key: str) -> None:

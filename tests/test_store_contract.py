@@ -371,3 +371,27 @@ def test_redis_store__one_partition_secret_for_every_instance(open_store):
     assert len(secrets) == 8 and len(set(secrets)) == 1 and len(secrets[0]) == 64
     assert open_store("redis", "elsewhere").partition_secret() != secrets[0]
     assert open_store("sqlite").partition_secret() is None  # SQLite: a file beside the database
+
+
+def test_redis_store__a_hit_is_one_command(own_redis):
+    """The lookup is one HMGET; the hit itself is counted in memory, written later in a batch."""
+    import redis
+
+    server = own_redis()
+    store = RedisStore(server.url(), hit_flush_seconds=0, maintenance_seconds=0)
+    probe = redis.Redis.from_url(server.url())
+
+    def commands() -> int:
+        return probe.info("stats")["total_commands_processed"]
+
+    store.put(entry("k"))
+    store.get("k")  # the lookup pool's connection is open from now on
+    first = commands()
+    info_itself = commands() - first
+    before = commands()
+    assert store.get("k") is not None
+    store.record_hit("k")
+    assert commands() - before - info_itself == 1
+    store.flush()
+    assert store.get("k").hits == 1
+    store.close()
