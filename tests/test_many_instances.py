@@ -353,3 +353,54 @@ def test_many_instances__cli_on_redis(start_proxy, redis_server, redis_prefix, h
     http.post(proxy.url + "/v1/chat/completions", json=chat_body("from the command line"))
     assert "deleted 1 entries" in flask_cache("clear", "--yes", **env).stdout
     assert json.loads(flask_cache("stats", **env).stdout)["entries"] == 0
+
+
+# -- the request controls and bounds, over HTTP, on Redis -------------------------------------------
+
+
+@pytest.fixture
+def redis_proxy(start_proxy, redis_server, redis_prefix, clock):
+    """start(**overrides) -> a real proxy on Redis whose store reads time from ``clock``."""
+    return lambda **overrides: start_proxy(store_options={"clock": clock}, cache_url=redis_server.url(),
+                                           cache_redis_prefix=redis_prefix, **overrides)
+
+
+def post(http, proxy, content: str, **headers: str) -> str:
+    reply = http.post(proxy.url + "/v1/chat/completions", json=chat_body(content), headers=headers)
+    assert reply.status_code == 200
+    return status(reply)
+
+
+def test_redis_store__ttl_max_age_and_namespaces_over_http(redis_proxy, clock, http):
+    proxy = redis_proxy(cache_ttl_seconds=100)
+    assert post(http, proxy, "own ttl", **{"X-Cache-TTL": "10"}) == "MISS"
+    assert post(http, proxy, "server ttl") == "MISS"
+    clock.advance(11)
+    assert post(http, proxy, "own ttl") == "MISS"  # its own 10 s are over
+    assert post(http, proxy, "server ttl") == "HIT"
+    assert post(http, proxy, "server ttl", **{"Cache-Control": "max-age=5"}) == "MISS"
+    assert post(http, proxy, "server ttl", **{"Cache-Control": "max-age=5"}) == "HIT"  # stored again
+    clock.advance(101)
+    assert post(http, proxy, "server ttl") == "MISS"
+    assert post(http, proxy, "spaced", **{"X-Cache-Namespace": "run-1"}) == "MISS"
+    assert post(http, proxy, "spaced", **{"X-Cache-Namespace": "run-2"}) == "MISS"
+    assert post(http, proxy, "spaced", **{"X-Cache-Namespace": "run-1"}) == "HIT"
+    assert post(http, proxy, "spaced") == "MISS"
+    listed = http.get(proxy.url + "/cache/entries", params={"namespace": "run-1"}).json()["data"]
+    assert [item["namespace"] for item in listed] == ["run-1"]
+
+
+def test_redis_store__least_recently_used_evicted_over_http(redis_proxy, clock, http):
+    proxy = redis_proxy(cache_max_entries=3)
+    for name in ("A", "B", "C"):
+        assert post(http, proxy, name) == "MISS"
+        clock.advance(1)
+    assert post(http, proxy, "A") == "HIT"  # A is now the most recently used
+    clock.advance(1)
+    assert post(http, proxy, "D") == "MISS"  # one over the bound: B goes
+
+    deadline = time.monotonic() + 5
+    while proxy.store.entry_count() != 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [post(http, proxy, name) for name in ("A", "C", "D")] == ["HIT", "HIT", "HIT"]
+    assert post(http, proxy, "B") == "MISS"
