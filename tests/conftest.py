@@ -169,16 +169,18 @@ def redis_prefix(request):
 
 @pytest.fixture
 def own_redis():
-    """start(password=None, port=None, tls=False) -> a redis-server of this test's own (to stop,
-    freeze, restart; with TLS: a self-signed certificate its URL trusts)."""
+    """start(password=None, port=None, tls=False, unix=False) -> a redis-server of this test's own
+    (to stop, freeze, restart; with TLS: a self-signed certificate its URL trusts; with unix: its
+    URL is the socket's)."""
     from redis_server import MISSING, REDIS_SERVER, RedisServer
 
     if not Path(REDIS_SERVER).exists():
         pytest.fail(MISSING, pytrace=False)
     servers: list[RedisServer] = []
 
-    def start(password: str | None = None, port: int | None = None, tls: bool = False) -> RedisServer:
-        server = RedisServer(password=password, port=port, tls=tls)
+    def start(password: str | None = None, port: int | None = None, tls: bool = False,
+              unix: bool = False) -> RedisServer:
+        server = RedisServer(password=password, port=port, tls=tls, unix=unix)
         servers.append(server)
         return server.start()
 

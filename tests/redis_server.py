@@ -27,11 +27,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, password: str | None = None, port: int | None = None, tls: bool = False):
+    def __init__(self, password: str | None = None, port: int | None = None, tls: bool = False,
+                 unix: bool = False):
         if not Path(REDIS_SERVER).exists():
             raise RuntimeError(MISSING)
         self.password = password
         self.tls = tls
+        self.unix = unix
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="cuc-redis-"))
         self.process: subprocess.Popen | None = None
@@ -39,6 +41,8 @@ class RedisServer:
     def url(self, db: int = 0, password: str | None = None) -> str:
         password = self.password if password is None else password
         auth = f":{password}@" if password else ""
+        if self.unix:
+            return f"unix://{auth}{self.dir / 'redis.sock'}?db={db}"
         if self.tls:
             return f"rediss://{auth}127.0.0.1:{self.port}/{db}?ssl_ca_certs={self.dir / 'cert.pem'}"
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
@@ -51,6 +55,8 @@ class RedisServer:
             argv += ["--requirepass", self.password]
         if self.tls:
             argv[1:3] = ["--port", "0", "--tls-port", str(self.port), *self._certificate()]
+        if self.unix:
+            argv += ["--unixsocket", str(self.dir / "redis.sock"), "--unixsocketperm", "700"]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                         stderr=open(self.dir / "redis.log", "ab"))
         deadline = time.monotonic() + 10

@@ -168,3 +168,12 @@ def test_redis_store__tls_through_rediss(start_proxy, own_redis, http):
     assert ask(http, proxy, "over TLS", bound=5).headers["X-Computer-Use-Cache"] == "HIT"
     stats = http.get(proxy.url + "/cache/stats").json()
     assert stats["entries"] == 1 and stats["db_path"].startswith("rediss://:***@127.0.0.1:")
+
+
+def test_redis_store__through_a_unix_socket(start_proxy, own_redis, http):
+    redis = own_redis(password=PASSWORD, unix=True)
+    proxy = start_proxy(cache_url=redis.url(db=3))
+
+    assert ask(http, proxy, "over a socket", bound=5).headers["X-Computer-Use-Cache"] == "MISS"
+    assert ask(http, proxy, "over a socket", bound=5).headers["X-Computer-Use-Cache"] == "HIT"
+    assert http.get(proxy.url + "/healthz").json()["cache"]["db_path"].startswith("unix://:***@/")
