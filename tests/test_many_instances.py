@@ -404,3 +404,30 @@ def test_redis_store__least_recently_used_evicted_over_http(redis_proxy, clock, 
         time.sleep(0.02)
     assert [post(http, proxy, name) for name in ("A", "C", "D")] == ["HIT", "HIT", "HIT"]
     assert post(http, proxy, "B") == "MISS"
+
+
+def test_many_instances__sigterm_writes_every_hit_count_to_redis(redis_server, redis_prefix, fake_upstream,
+                                                                  tmp_path):
+    """Counters held in memory (CACHE_HIT_FLUSH_SECONDS=600: only the shutdown writes them)."""
+    server = Gunicorn({"CACHE_URL": redis_server.url(), "CACHE_REDIS_PREFIX": redis_prefix,
+                       "CACHE_DB_PATH": str(tmp_path / "cache.sqlite3"), "CACHE_HIT_FLUSH_SECONDS": "600",
+                       "UPSTREAM_BASE_URL": fake_upstream.base_url, "UPSTREAM_API_KEY": "sk-upstream-test",
+                       "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "8"})
+    try:
+        body = chat_body("counted at shutdown")
+        key = requests.post(server.url + "/v1/chat/completions", json=body).headers["X-Computer-Use-Cache-Key"]
+        for _ in range(6):
+            with requests.Session() as session:  # new connections: both workers take some
+                assert status(session.post(server.url + "/v1/chat/completions", json=body)) == "HIT"
+    finally:
+        assert server.terminate() == 0
+    assert redis.Redis.from_url(redis_server.url()).hget(f"{redis_prefix}e:{key}", "hits") == b"6"
+
+
+def test_production_config__instances_on_redis_take_short_gil_turns():
+    script = "import runpy, sys; runpy.run_path('gunicorn.conf.py'); print(sys.getswitchinterval())"
+    environment = {name: value for name, value in os.environ.items() if name not in SETTING_VARIABLES}
+    turns = [subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            env={**environment, **extra}, timeout=60).stdout.strip()
+             for extra in ({}, {"CACHE_URL": "redis://127.0.0.1:6379/0"})]
+    assert [round(float(turn), 6) for turn in turns] == [0.05, 0.005]
