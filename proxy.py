@@ -299,7 +299,9 @@ class CompletionProxy:
         try:
             return self.store.get(key, max_age=max_age)
         except StoreError as exc:
-            log.warning("cache lookup failed, answering without the cache: %s", exc)
+            # Once the store says it is unavailable it has logged why: not again per request.
+            (log.debug if self.store.unavailable_reason() else log.warning)(
+                "cache lookup failed, answering without the cache: %s", exc)
             return None
 
     def _answer_hit(self, endpoint: Endpoint, entry: CachedEntry, outcome: Outcome,
