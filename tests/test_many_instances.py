@@ -108,6 +108,12 @@ def test_many_instances__a_streamed_miss_on_one_is_a_streamed_hit_on_the_other(f
 
 def test_many_instances__50_identical_misses_across_both_make_one_upstream_call(fleet):
     body = chat_body("fifty at once, two instances")
+    probe = redis.Redis.from_url(fleet.redis.url())
+
+    def lease_checks() -> int:
+        return probe.info("commandstats").get("cmdstat_pttl", {}).get("calls", 0)
+
+    checks_before = lease_checks()
     fleet.upstream.default_delay = 0.5
     try:
         def post(number: int) -> requests.Response:
@@ -126,6 +132,9 @@ def test_many_instances__50_identical_misses_across_both_make_one_upstream_call(
     assert sorted(status(reply) for reply in replies) == ["HIT"] * 49 + ["MISS"]
     followers = [reply for reply in replies if status(reply) == "HIT"]
     assert all(reply.headers.get("X-Computer-Use-Cache-Coalesced") == "true" for reply in followers)
+    # The other instance's followers were told (pub/sub); they looked at the lease once, not
+    # every few milliseconds for half a second.
+    assert lease_checks() - checks_before <= 2
 
 
 def test_many_instances__an_entry_deleted_on_one_is_gone_on_the_other(fleet):
