@@ -209,8 +209,14 @@ end
 return 1
 """
 
+# Scripts that write declare it (Redis 7 flags): a full Redis (maxmemory, noeviction) then
+# refuses a store before its first command, never halfway through; the ones that only free
+# memory are allowed to run even then.
+_WRITES = "#!lua\n"
+_FREES_MEMORY = "#!lua flags=allow-oom\n"
+
 # ARGV: prefix, keys...: how many entries were removed.
-_LUA_DELETE = _LUA_REMOVE + """
+_LUA_DELETE = _FREES_MEMORY + _LUA_REMOVE + """
 local removed = 0
 for i = 2, #ARGV do removed = removed + remove(ARGV[1], ARGV[i]) end
 return removed
@@ -219,7 +225,7 @@ return removed
 # Removes up to ARGV[4] expired entries: an own deadline before ARGV[2], or (when ARGV[3] is not
 # empty) a store before ARGV[3] = now - the server's TTL. Times are passed as text: Lua would
 # round numbers to 14 digits.
-_LUA_PURGE = _LUA_REMOVE + """
+_LUA_PURGE = _FREES_MEMORY + _LUA_REMOVE + """
 local P, batch = ARGV[1], tonumber(ARGV[4])
 local removed = 0
 local own = redis.call('ZRANGEBYSCORE', P .. 'i:own', '-inf', '(' .. ARGV[2], 'LIMIT', 0, batch)
@@ -234,7 +240,7 @@ return removed
 # Removes least-recently-used entries while over a bound, at most ARGV[4] of them, never one of
 # the keys after it (hit in the caller's memory since its last flush).
 # ARGV: prefix, max entries (0 = none), max bytes (0 = none), batch, keys to spare...
-_LUA_EVICT = _LUA_REMOVE + """
+_LUA_EVICT = _FREES_MEMORY + _LUA_REMOVE + """
 local P, max_entries, max_bytes, batch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local spare = {}
 for i = 5, #ARGV do spare[ARGV[i]] = true end
@@ -378,8 +384,8 @@ class RedisStore(CacheStore):
             url, socket_connect_timeout=connect_timeout_seconds, socket_timeout=socket_timeout_seconds,
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)))
         self.breaker = CircuitBreaker(retry_seconds, f"Redis cache at {self.path}")
-        self._put = self.client.register_script(_LUA_PUT)
-        self._hits = self.client.register_script(_LUA_HITS)
+        self._put = self.client.register_script(_WRITES + _LUA_PUT)
+        self._hits = self.client.register_script(_WRITES + _LUA_HITS)
         self._delete = self.client.register_script(_LUA_DELETE)
         self._purge = self.client.register_script(_LUA_PURGE)
         self._evict = self.client.register_script(_LUA_EVICT)

@@ -395,3 +395,41 @@ def test_redis_store__a_hit_is_one_command(own_redis):
     store.flush()
     assert store.get("k").hits == 1
     store.close()
+
+
+def test_redis_store__an_entry_redis_dropped_is_a_miss_and_is_tidied_up(open_store, clock):
+    """maxmemory-policy volatile-lru may drop an entry's hash, never its bookkeeping."""
+    store = open_store("redis", ttl_seconds=100)
+    store.put(entry("dropped"))
+    store.put(entry("kept"))
+    store.client.delete(store.key("e:dropped"))  # what Redis's eviction does
+    assert store.get("dropped") is None
+    assert [item["key"] for item in store.list_entries()] == ["kept"]
+    assert store.put(entry("dropped")) == "stored"
+    assert store.stats()["entries"] == 2
+    store.client.delete(store.key("e:dropped"))
+    clock.advance(101)
+    assert store.purge_expired() == 2  # its bookkeeping goes with its expiry
+    stats = store.stats()
+    assert (stats["entries"], stats["stored_bytes"]) == (0, 0)
+
+
+def test_redis_store__a_full_redis_refuses_the_store_not_the_request(start_proxy, own_redis, http):
+    import redis
+
+    server = own_redis()
+    admin = redis.Redis.from_url(server.url())
+    proxy = start_proxy(cache_url=server.url())
+    assert http.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": "before it filled"}]}).headers["X-Computer-Use-Cache"] == "MISS"
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", max(1, admin.info("memory")["used_memory"] - 1024))
+
+    reply = http.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": "x" * 20000}]})
+
+    assert reply.status_code == 200 and reply.headers["X-Computer-Use-Cache"] == "MISS"
+    assert reply.headers["X-Computer-Use-Cache-Store"].startswith("skipped: cache write failed: Redis: ")
+    assert "maxmemory" in reply.headers["X-Computer-Use-Cache-Store"]
+    assert http.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": "before it filled"}]}).headers["X-Computer-Use-Cache"] == "HIT"
