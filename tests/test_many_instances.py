@@ -440,3 +440,4 @@ def test_production_config__instances_on_redis_take_short_gil_turns():
                             env={**environment, **extra}, timeout=60).stdout.strip()
              for extra in ({}, {"CACHE_URL": "redis://127.0.0.1:6379/0"})]
     assert [round(float(turn), 6) for turn in turns] == [0.05, 0.005]
+
