@@ -29,9 +29,10 @@ test: $(VENV)/.installed-dev lint browser redis
 browser:
 	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 
-## Debian's redis-server: the Redis store's tests start their own on a free port (never skipped).
+## Debian's redis-server: the Redis store's tests start their own on a free port (never skipped);
+## openssl makes the certificate of the TLS (rediss://) test.
 redis:
-	@test -x /usr/bin/redis-server || (apt-get update && apt-get install -y redis-server)
+	@test -x /usr/bin/redis-server -a -x /usr/bin/openssl || (apt-get update && apt-get install -y redis-server openssl)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/hadolint Dockerfile

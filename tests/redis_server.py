@@ -72,6 +72,9 @@ class RedisServer:
         """A self-signed certificate for 127.0.0.1 (Debian's openssl), which clients trust."""
         cert, key = self.dir / "cert.pem", self.dir / "key.pem"
         if not cert.exists():
+            if shutil.which("openssl") is None:
+                raise RuntimeError("openssl is not installed: the TLS test makes its certificate with it "
+                                   "(`make test` installs it)")
             subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                             "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
                             "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
