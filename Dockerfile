@@ -29,10 +29,13 @@ COPY \
     fast_lane.py \
     guard.py \
     gunicorn.conf.py \
+    images.py \
     key_partition.py \
     metrics.py \
+    near_match.py \
     previews.py \
     proxy.py \
+    recent_items.py \
     secret_scan.py \
     server.py \
     store_browsing.py \
@@ -43,6 +46,7 @@ COPY \
     upstream.py \
     wire.py \
     ./
+COPY stores/ ./stores/
 
 USER 10001
 VOLUME ["/data"]

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run dev test lint bench clean browser
+.PHONY: run dev test lint bench clean browser redis
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,18 +22,23 @@ run: $(VENV)/.installed
 	$(BIN)/gunicorn -c gunicorn.conf.py 'server:create_app()'
 
 ## Everything CI checks: the Dockerfile lint and the whole test suite.
-test: $(VENV)/.installed-dev lint browser
+test: $(VENV)/.installed-dev lint browser redis
 	$(BIN)/python -m pytest -q
 
 ## Debian's chromium for the dashboard's headless-browser test (nothing to do once installed).
 browser:
 	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 
+## Debian's redis-server: the Redis store's tests start their own on a free port (never skipped);
+## openssl makes the certificate of the TLS (rediss://) test.
+redis:
+	@test -x /usr/bin/redis-server -a -x /usr/bin/openssl || (apt-get update && apt-get install -y redis-server openssl)
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/hadolint Dockerfile
 
 ## Speed and concurrency figures (not part of `make test`).
-bench: $(VENV)/.installed-dev
+bench: $(VENV)/.installed-dev redis
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/replay.py
 

@@ -1,10 +1,11 @@
-"""The SQLite store behind the cache: a narrow interface that knows nothing of HTTP.
+"""The store contract (``CacheStore``) and its SQLite backend: a narrow interface that knows
+nothing of HTTP.
 
-The contract (``get``, ``put``, ``record_hit``, ``delete``, ``clear``, ``stats``, ``flush``,
-``close``) is what a second backend implements; ``tests/test_cache_store.py`` holds the shared
-contract tests. The table is the original server's ``completions`` table, so a database it wrote
-keeps serving hits; schema changes after that go through the numbered migrations
-(``store_schema.py``).
+``CacheStore`` lists what the server, the proxy, the CLI, the metrics and the dashboard call on a
+store; ``SQLiteStore`` (below) and ``stores.redis.RedisStore`` implement it, and the contract tests
+(``tests/test_cache_store.py``, ``tests/test_store_contract.py``) run against both. The table is the
+original server's ``completions`` table, so a database it wrote keeps serving hits; schema changes
+after that go through the numbered migrations (``store_schema.py``).
 Background maintenance (``store_maintenance.py``) and browsing and export (``store_browsing.py``)
 are mixins of ``SQLiteStore``.
 """
@@ -16,13 +17,14 @@ import os
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from store_browsing import StoreBrowsing
 from store_browsing import TopEntry as TopEntry  # the dashboard imports it from here
 from store_errors import StoreBusy, StoreError
-from store_maintenance import StoreMaintenance
+from store_maintenance import MaintenanceReport, StoreMaintenance
 from store_schema import MIGRATIONS
 
 log = logging.getLogger("computer_use_cache.store")
@@ -72,6 +74,138 @@ class NearRecord:
     group: str           # hex digest: the request with tool ids renumbered and images blanked,
                          # plus mode, model, partition and namespace (so groups never cross them)
     fingerprints: bytes  # opaque to the store: the per-image fingerprints, encoded by images.py
+
+
+class CacheStore(ABC):
+    """What every backend does: the calls server.py, proxy.py, cli.py, metrics.py and dashboard.py
+    make on a store. Failures raise ``StoreError``; callers then answer without the cache.
+
+    Attributes every backend has: ``clock`` (the time source, injectable in tests),
+    ``ttl_seconds`` (the server's TTL) and ``on_error`` (told "read"/"write" on each failure).
+    """
+
+    clock: Callable[[], float]
+    ttl_seconds: float
+    on_error: Callable[[str], None] | None
+
+    # -- the expiry rule, the same for every backend ---------------------------------------------
+
+    def is_expired(self, created_at: float, now: float | None = None,
+                   expires_at: float | None = None) -> bool:
+        """An entry's own deadline (X-Cache-TTL) wins; else the server's TTL from created_at."""
+        now = self.clock() if now is None else now
+        if expires_at is not None:
+            return now > expires_at
+        if self.ttl_seconds <= 0:
+            return False
+        return now - created_at > self.ttl_seconds
+
+    def expiry_time(self, created_at: float, expires_at: float | None) -> float | None:
+        """When an entry stops being served (None: never)."""
+        if expires_at is not None:
+            return None if expires_at >= NEVER_EXPIRES else expires_at
+        return created_at + self.ttl_seconds if self.ttl_seconds > 0 else None
+
+    # -- the request path ----------------------------------------------------------------------
+
+    @abstractmethod
+    def get(self, key: str, *, max_age: float | None = None) -> CachedEntry | None:
+        """The live entry for key, or None (absent, expired, older than max_age, unreadable)."""
+
+    @abstractmethod
+    def put(self, entry: NewEntry, *, ttl_seconds: float | None = None,
+            namespace: str | None = None, near: NearRecord | None = None) -> str:
+        """Insert or replace: "stored" (new or expired) or "updated" (live; keeps created_at).
+        ``ttl_seconds``: the entry's own lifetime (0 = never expires); ``near``: its near-matching
+        record, replaced with the entry and gone with it."""
+
+    @abstractmethod
+    def record_hit(self, key: str) -> None:
+        """Count one hit; may be held in memory until the next ``flush``."""
+
+    @abstractmethod
+    def record_request(self, status: str, model: str, *, route: str = "", key: str | None = None,
+                       seconds: float = 0.0, coalesced: bool = False, near: bool = False) -> None:
+        """Count one answered request (HIT, MISS or BYPASS; ``near``: a near hit); may be held
+        until the next flush."""
+
+    @abstractmethod
+    def unavailable_reason(self) -> str | None:
+        """Why the store cannot be used right now (cheap: asked on every request), or None."""
+
+    def near_candidates(self, group: str, limit: int = 16) -> list[tuple[str, bytes]]:
+        """(cache_key, fingerprints) of live entries stored with ``NearRecord(group, ...)``,
+        most recently stored first, at most ``limit`` (issue 11's near matching)."""
+        raise NotImplementedError(f"{type(self).__name__} has no near-matching index yet")
+
+    def partition_secret(self) -> bytes | None:
+        """The secret of client-key partitions kept in the store and shared by every instance
+        using it, created once; None when this backend keeps none (a file beside it is used)."""
+        return None
+
+    # -- the operator's calls ------------------------------------------------------------------
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove one entry; False when there was none."""
+
+    @abstractmethod
+    def clear(self) -> int:
+        """Remove every entry (and only the cache's own data); returns how many."""
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """The /cache/stats object: entries, hits, savings and request counts, by model too."""
+
+    @abstractmethod
+    def activity(self, since: float) -> dict:
+        """Requests per time bucket by cache status since ``since``, and the latest requests."""
+
+    @abstractmethod
+    def list_entries(self, *, limit: int = 50, after: tuple[float, str] | None = None,
+                     model: str | None = None, namespace: Any = ...) -> list[dict]:
+        """Entries newest first (by last store), after the (updated_at, key) position ``after``;
+        ``namespace``: ``...`` any, None the default key space, or a name."""
+
+    @abstractmethod
+    def entry(self, key: str) -> dict | None:
+        """One entry with its stored request and response texts, or None."""
+
+    @abstractmethod
+    def top_entries(self, limit: int = 10) -> list[TopEntry]:
+        """The most-hit entries, for the dashboard."""
+
+    @abstractmethod
+    def entry_count(self) -> int:
+        """How many entries are stored (expired ones not yet purged included)."""
+
+    @abstractmethod
+    def export_rows(self) -> Iterator[dict]:
+        """Every entry with the fields ``insert_new`` needs, oldest first."""
+
+    @abstractmethod
+    def insert_new(self, records: list[dict]) -> int:
+        """Insert entries whose key is absent (existing ones are never touched); how many."""
+
+    @abstractmethod
+    def maintain(self) -> MaintenanceReport:
+        """Purge expired entries, evict over the bounds, give space back (``flask cache purge``)."""
+
+    @abstractmethod
+    def vacuum(self) -> int:
+        """Give freed space back where the backend can (pages freed; 0 when it has nothing to do)."""
+
+    @abstractmethod
+    def db_file_bytes(self) -> int:
+        """Bytes the store takes where it lives (the SQLite file; Redis's used memory)."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Write the counters held in memory."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and let go of connections (graceful shutdown); usable again afterwards."""
 
 
 REQUEST_STATUSES = ("HIT", "MISS", "BYPASS")
@@ -282,7 +416,7 @@ _UPDATE_LIVE_SQL = (
 STATS_FLUSH_WAIT_MS = 100
 
 
-class SQLiteStore(StoreMaintenance, StoreBrowsing):
+class SQLiteStore(StoreMaintenance, StoreBrowsing, CacheStore):
     """Cache entries in one SQLite file, shared safely by threads and worker processes.
 
     Lookups and writes take a connection from a pool per process, opened on first use (never
@@ -737,22 +871,6 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing):
             self.on_error(operation)
 
     # -- the contract ------------------------------------------------------------------------
-
-    def is_expired(self, created_at: float, now: float | None = None,
-                   expires_at: float | None = None) -> bool:
-        """An entry's own deadline (X-Cache-TTL) wins; else the server's TTL from created_at."""
-        now = self.clock() if now is None else now
-        if expires_at is not None:
-            return now > expires_at
-        if self.ttl_seconds <= 0:
-            return False
-        return now - created_at > self.ttl_seconds
-
-    def expiry_time(self, created_at: float, expires_at: float | None) -> float | None:
-        """When an entry stops being served (None: never)."""
-        if expires_at is not None:
-            return None if expires_at >= NEVER_EXPIRES else expires_at
-        return created_at + self.ttl_seconds if self.ttl_seconds > 0 else None
 
     def get(self, key: str, *, max_age: float | None = None) -> CachedEntry | None:
         """The live entry for key, or None (absent, expired, or unreadable).

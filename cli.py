@@ -24,7 +24,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from cache_policy import canonical_json, hash_canonical, valid_namespace
-from cache_store import SQLiteStore, StoreError
+from cache_store import CacheStore, StoreError
 from images import decode_prints, holds_image_references
 from wire import lone_surrogate_path
 
@@ -35,12 +35,12 @@ _KEY = re.compile(r"[0-9a-f]{64}")
 cache_cli = AppGroup("cache", help="Inspect, trim, export and import the cache store.")
 
 
-def _store() -> SQLiteStore:
+def _store() -> CacheStore:
     return current_app.extensions[EXTENSION].store
 
 
 @contextlib.contextmanager
-def _open_store() -> Iterator[SQLiteStore]:
+def _open_store() -> Iterator[CacheStore]:
     """The app's store, closed (hit counters flushed) when the command ends; errors as messages."""
     store = _store()
     try:
@@ -182,7 +182,7 @@ def export_command(file: str) -> None:
     click.echo(f"exported {written} entries", err=True)
 
 
-def _export(store: SQLiteStore, out: IO[str], total: int) -> int:
+def _export(store: CacheStore, out: IO[str], total: int) -> int:
     written = 0
     with _progress(total, "exporting") as bar:
         for record in store.export_rows():

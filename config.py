@@ -125,6 +125,39 @@ def check_patterns(patterns: Any) -> None:
             raise ValueError(f"pattern {number} ({pattern!r}) does not compile: {exc}") from None
 
 
+CACHE_URL_SCHEMES = ("redis", "rediss", "unix")
+_URL_PASSWORD = re.compile(r"(//[^:/@]*:)[^/]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``: what logs, errors and /cache/stats show."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
+
+
+def _parse_cache_url(text: str) -> str:
+    """Empty (SQLite at CACHE_DB_PATH), or a Redis URL the ``redis`` client can open."""
+    value = text.strip()
+    if not value:
+        return value
+    scheme, separator, rest = value.partition("://")
+    if not separator or scheme.lower() not in CACHE_URL_SCHEMES:
+        raise ValueError("must be empty (SQLite at CACHE_DB_PATH) or start with redis://, "
+                         "rediss:// or unix://")
+    location = rest.split("?", 1)[0]
+    if scheme.lower() == "unix":
+        if not location.startswith("/"):
+            raise ValueError("unix:// needs an absolute socket path (unix:///run/redis.sock?db=0)")
+        return value
+    host_port, _, database = location.rpartition("@")[2].partition("/")
+    if database and not database.isdigit():
+        raise ValueError("the database after the host must be a number (redis://host:6379/0)")
+    port = host_port.rpartition("]")[2].rpartition(":")
+    if port[1] and not port[2].isdigit():
+        raise ValueError("the port must be a number")
+    return value
+
+
 _PARSERS: dict[type | str, Callable[[str], Any]] = {
     "bool": parse_bool,
     "int": _parse_non_negative(int),
@@ -137,6 +170,7 @@ _PARSERS: dict[type | str, Callable[[str], Any]] = {
     "fraction": parse_fraction,
     "regions": parse_regions,
     "patterns": parse_patterns,
+    "url": _parse_cache_url,
 }
 
 
@@ -163,6 +197,13 @@ class Settings:
         "FLASK_DEBUG", False, "bool", "Flask debug mode for `python server.py` (never in production).")
     cache_db_path: str = setting(
         "CACHE_DB_PATH", "./code_model_cache.sqlite3", "str", "SQLite database file of the cache.")
+    cache_url: str = setting(
+        "CACHE_URL", "", "url",
+        "Empty = SQLite at CACHE_DB_PATH; redis://[user:password@]host:port/db, rediss:// (TLS) "
+        "or unix:///path?db=N = one Redis shared by many instances (docs/many-instances.md).")
+    cache_redis_prefix: str = setting(
+        "CACHE_REDIS_PREFIX", "cuc:", "str",
+        "Prefix of every Redis key the cache writes (so `clear` removes only ours).")
     cache_enabled: bool = setting(
         "CACHE_ENABLED", True, "bool",
         "Cache by default; 0 caches only requests that say \"cache\": true.")
@@ -283,7 +324,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         try:
             values[spec.name] = _PARSERS[spec.metadata["kind"]](raw)
         except ValueError as exc:
-            raise SettingsError(f"{name}={raw!r} is not valid: {exc}") from None
+            shown = redact_url(raw) if spec.metadata["kind"] == "url" else raw
+            raise SettingsError(f"{name}={shown!r} is not valid: {exc}") from None
     values.update(overrides)
     settings = Settings(**values)
     check_combinations(settings)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from flask import Flask, Response, jsonify
 
-from cache_store import SQLiteStore, StoreError, TopEntry
+from cache_store import CacheStore, StoreError, TopEntry
 from errors import ServiceUnavailable
 from previews import prompt_preview
 
@@ -41,7 +41,7 @@ def entry_summary(entry: TopEntry, now: float) -> dict[str, Any]:
     }
 
 
-def register_dashboard(app: Flask, store: SQLiteStore, require_admin: Callable[[], None]) -> None:
+def register_dashboard(app: Flask, store: CacheStore, require_admin: Callable[[], None]) -> None:
     page = PAGE_PATH.read_bytes()
 
     @app.get("/dashboard")

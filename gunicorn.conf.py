@@ -60,7 +60,12 @@ malloc_tuned = tune_malloc()
 # time from 2.0 s to 1.76 s with 50 ms (docs/performance.md). Threads still hand over at once
 # whenever they wait on a socket or SQLite, which is most of the time. Set before the fork, as above.
 GIL_SWITCH_INTERVAL_SECONDS = 0.05
-sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
+# On Redis (CACHE_URL) every hit waits for a reply from another process; the thread it wakes
+# must then get the GIL back, and at 50 ms it may wait for a busy thread's whole turn. Python's
+# default turn: hits on Redis at 16 connections went from ~0.6x to ~0.8x of SQLite's throughput
+# (bench/redis_store.py), the burst unchanged (docs/many-instances.md).
+REDIS_GIL_SWITCH_INTERVAL_SECONDS = 0.005
+sys.setswitchinterval(REDIS_GIL_SWITCH_INTERVAL_SECONDS if _settings.cache_url else GIL_SWITCH_INTERVAL_SECONDS)
 
 bind = f"{_settings.host}:{_settings.port}"
 worker_class = "gthread"

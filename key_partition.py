@@ -15,8 +15,10 @@ import logging
 import os
 import secrets
 import threading
+from typing import Callable
 
 from config import Settings
+from store_errors import StoreError
 from upstream import bearer_token
 
 log = logging.getLogger("computer_use_cache.partition")
@@ -32,11 +34,14 @@ class KeySecretError(Exception):
 class ClientPartitions:
     """Which partition of the cache a request belongs to (None: the one shared cache)."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, stored_secret: Callable[[], bytes | None] | None = None):
         # With a server key every client spends the same key, so they may share answers.
         self.enabled = not settings.upstream_api_key and not settings.cache_share_across_keys
         self.secret_path = settings.cache_db_path + SECRET_SUFFIX
         self._secret = settings.cache_key_secret.encode("utf-8") or None
+        # The store's own place for the generated secret (CacheStore.partition_secret): shared by
+        # every instance on a networked store; None there means "a file beside the database".
+        self._stored_secret = stored_secret
         self._lock = threading.Lock()
         self._failure_logged = False
 
@@ -61,7 +66,7 @@ class ClientPartitions:
             with self._lock:
                 if self._secret is None:
                     try:
-                        self._secret = load_or_create_secret(self.secret_path)
+                        self._secret = self._load_secret()
                     except KeySecretError as exc:
                         if not self._failure_logged:
                             self._failure_logged = True
@@ -70,6 +75,16 @@ class ClientPartitions:
                         raise
                 secret = self._secret
         return secret
+
+    def _load_secret(self) -> bytes:
+        if self._stored_secret is not None:
+            try:
+                secret = self._stored_secret()
+            except StoreError as exc:
+                raise KeySecretError(f"cannot read the cache key secret from the store: {exc}") from exc
+            if secret is not None:
+                return secret
+        return load_or_create_secret(self.secret_path)
 
 
 def load_or_create_secret(path: str) -> bytes:

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client import CONTENT_TYPE_LATEST, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from cache_store import SQLiteStore, StoreError, storable_text
+from cache_store import CacheStore, StoreError, storable_text
 from config import Settings
 
 PREFIX = "computer_use_cache"
@@ -100,7 +100,7 @@ class TimedUpstream:
 class StoreCollector:
     """Figures kept in the database, read at scrape time (O(1): the store's running totals)."""
 
-    def __init__(self, store: SQLiteStore):
+    def __init__(self, store: CacheStore):
         self.store = store
 
     def describe(self):
@@ -135,7 +135,7 @@ class StoreCollector:
 class Monitor(RequestObserver):
     """Prometheus metrics and request counting for one app (one per gunicorn worker)."""
 
-    def __init__(self, settings: Settings, store: SQLiteStore):
+    def __init__(self, settings: Settings, store: CacheStore):
         self.store = store
         self.multiprocess_dir = settings.prometheus_multiproc_dir
         # Multiprocess mode: values go to the shared files, not to a registry of this process.

@@ -18,7 +18,7 @@ from flask import Request, Response
 
 from cache_policy import Decision, decide, forwarded_json, parse_request_controls, strip_proxy_controls
 from cache_policy import switch_value
-from cache_store import CachedEntry, NewEntry, SQLiteStore, StoreError
+from cache_store import CacheStore, CachedEntry, NewEntry, StoreError
 from coalesce import Coalescer
 from config import Settings
 from errors import PayloadTooLarge, UpstreamFailed
@@ -138,14 +138,14 @@ class KnownRequest:
 
 
 class CompletionProxy:
-    def __init__(self, settings: Settings, store: SQLiteStore, upstream: UpstreamClient,
+    def __init__(self, settings: Settings, store: CacheStore, upstream: UpstreamClient,
                  coalescer: Coalescer | None):
         self.settings = settings
         self.store = store
         self.upstream = upstream
         self.coalescer = coalescer
         self.observer = RequestObserver()  # create_app puts its metrics.Monitor here
-        self.partitions = ClientPartitions(settings)
+        self.partitions = ClientPartitions(settings, store.partition_secret)
         self.near = NearMatcher(settings, store)
         # Rendered replays, keyed by entry version, so a re-stored entry is never served
         # stale; a deleted entry is never reached because the store lookup comes first.
@@ -176,7 +176,8 @@ class CompletionProxy:
                                        include_usage)
                 if hit is not None:
                     return hit.response()
-            if decision.near is not None:
+            decision = self._unless_unavailable(decision)
+            if decision.read and decision.near is not None:
                 hit = self._near_hit(endpoint, decision, stream, include_usage)
                 if hit is not None:
                     return hit.response()
@@ -261,11 +262,17 @@ class CompletionProxy:
         )
         if decision.bypass:
             return decision
+        decision = self._unless_unavailable(decision, unavailable)
+        if decision.match == "near" and not decision.bypass:
+            decision = replace(decision, near=self.near.request(endpoint, body, decision, partition))
+        return decision
+
+    def _unless_unavailable(self, decision: Decision, unavailable: str | None = None) -> Decision:
+        """A BYPASS, with the reason, while the store (or the partition secret) cannot be used;
+        asked again after a lookup, which may just have found the store gone (a Redis fault)."""
         unavailable = unavailable or self.store.unavailable_reason()
         if unavailable:
             return replace(decision, read=False, write=False, reason=f"cache unavailable: {unavailable}")
-        if decision.match == "near":
-            decision = replace(decision, near=self.near.request(endpoint, body, decision, partition))
         return decision
 
     def _begin_flight(self, key: str):
@@ -282,7 +289,9 @@ class CompletionProxy:
         try:
             return self.store.get(key, max_age=max_age)
         except StoreError as exc:
-            log.warning("cache lookup failed, answering without the cache: %s", exc)
+            # Once the store says it is unavailable it has logged why: not again per request.
+            (log.debug if self.store.unavailable_reason() else log.warning)(
+                "cache lookup failed, answering without the cache: %s", exc)
             return None
 
     def _near_hit(self, endpoint: Endpoint, decision: Decision, stream: bool,

@@ -23,7 +23,7 @@ from werkzeug.serving import WSGIRequestHandler
 
 import guard
 from access_log import AccessLog
-from cache_store import SQLiteStore, StoreError
+from cache_store import CacheStore, SQLiteStore, StoreError
 from cli import cache_cli
 from coalesce import Coalescer
 from config import Settings, SettingsError, load_settings
@@ -56,8 +56,18 @@ CORS_EXPOSE_HEADERS = ", ".join(
 ) + f", X-Computer-Use-Cache-Coalesced, {MATCH_HEADER}"
 
 
-def store_from_settings(settings: Settings, **options: Any) -> SQLiteStore:
-    """The store the settings describe; tests add a clock or fault hooks through ``options``."""
+def store_from_settings(settings: Settings, **options: Any) -> CacheStore:
+    """The store the settings describe: Redis when CACHE_URL is set, else SQLite at CACHE_DB_PATH.
+    Tests add a clock or fault hooks through ``options``. Nothing is opened here."""
+    if settings.cache_url:
+        from stores.redis import RedisStore
+
+        return RedisStore(settings.cache_url, settings.cache_ttl_seconds,
+                          prefix=settings.cache_redis_prefix,
+                          hit_flush_seconds=settings.hit_flush_seconds,
+                          max_entries=settings.cache_max_entries,
+                          max_bytes=settings.cache_max_bytes,
+                          maintenance_seconds=settings.cache_purge_interval_seconds, **options)
     return SQLiteStore(settings.cache_db_path, settings.cache_ttl_seconds,
                        hit_flush_seconds=settings.hit_flush_seconds,
                        max_entries=settings.cache_max_entries,
@@ -65,14 +75,24 @@ def store_from_settings(settings: Settings, **options: Any) -> SQLiteStore:
                        maintenance_seconds=settings.cache_purge_interval_seconds, **options)
 
 
-def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = None) -> Flask:
+def coalescer_for(settings: Settings, store: CacheStore):
+    """Where concurrent identical misses meet: a lease in Redis (every instance on it), else a
+    lock file beside the SQLite database (the workers of one machine); None with CACHE_COALESCE=0."""
+    if not settings.cache_coalesce:
+        return None
+    timeout = settings.upstream_timeout_seconds + 5
+    if not isinstance(store, SQLiteStore):
+        from stores.redis_coalesce import RedisCoalescer
+
+        return RedisCoalescer(store, timeout_seconds=timeout)
+    return Coalescer(settings.cache_db_path + ".coalesce.lock", timeout_seconds=timeout)
+
+
+def create_app(settings: Settings | None = None, *, store: CacheStore | None = None) -> Flask:
     """Build the app and everything it uses; nothing is opened until the first request."""
     settings = load_settings() if settings is None else settings
     store = store or store_from_settings(settings)
-    coalescer = None
-    if settings.cache_coalesce:
-        coalescer = Coalescer(settings.cache_db_path + ".coalesce.lock",
-                              timeout_seconds=settings.upstream_timeout_seconds + 5)
+    coalescer = coalescer_for(settings, store)
     monitor = Monitor(settings, store)
     upstream = monitor.wrap_upstream(UpstreamClient(settings))
     proxy = CompletionProxy(settings, store, upstream, coalescer)
@@ -171,7 +191,7 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
                              param="cursor") from None
 
 
-def register_entry_routes(app: Flask, settings: Settings, store: SQLiteStore) -> None:
+def register_entry_routes(app: Flask, settings: Settings, store: CacheStore) -> None:
     """GET /cache/entries (paged), GET and DELETE /cache/entries/<key>."""
 
     def unavailable(exc: StoreError) -> ServiceUnavailable:

@@ -36,6 +36,7 @@ import cache_store  # noqa: E402
 import store_schema  # noqa: E402
 import config  # noqa: E402
 from loadgen import UNIQUE, Connection, Result, _unique, build_request, burst, get_request, run_load  # noqa: E402
+import redis_store  # noqa: E402
 
 PYTHON = sys.executable
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
@@ -481,6 +482,7 @@ def run_scenarios(services: Services, tmp: Path, args) -> int:
         f"{upstream_calls} upstream call(s), {len(bodies)} distinct bodies, {misses} MISS, {wall:.2f} s",
         None, ok and upstream_calls == 1 and len(bodies) == 1 and misses == 1)
     services.stop(slow)
+    redis_store.run_scenarios(sys.modules[__name__], services, tmp, args)
     return sum(1 for _, _, _, _, ok in ROWS if not ok)
 
 

@@ -143,3 +143,47 @@ def app(settings):
 def client(app):
     return app.test_client()
 
+
+
+# -- Redis (the Redis store's tests; never skipped: a missing redis-server fails them) ----------
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One redis-server for the session; each test keeps to its own key prefix (``redis_prefix``)."""
+    from redis_server import MISSING, REDIS_SERVER, RedisServer
+
+    if not Path(REDIS_SERVER).exists():
+        pytest.fail(MISSING, pytrace=False)
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_prefix(request):
+    """A key prefix of this test's own, so tests sharing the session's Redis never meet."""
+    import uuid
+
+    return f"t-{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture
+def own_redis():
+    """start(password=None, port=None, tls=False, unix=False) -> a redis-server of this test's own
+    (to stop, freeze, restart; with TLS: a self-signed certificate its URL trusts; with unix: its
+    URL is the socket's)."""
+    from redis_server import MISSING, REDIS_SERVER, RedisServer
+
+    if not Path(REDIS_SERVER).exists():
+        pytest.fail(MISSING, pytrace=False)
+    servers: list[RedisServer] = []
+
+    def start(password: str | None = None, port: int | None = None, tls: bool = False,
+              unix: bool = False) -> RedisServer:
+        server = RedisServer(password=password, port=port, tls=tls, unix=unix)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.close()

@@ -1,7 +1,9 @@
 """The store contract, shared by every backend, and the SQLite specifics (original schema, migrations).
 
-A future backend's tests subclass ``StoreContract`` and override the ``make_store`` fixture
-(requests-cache's BaseStorageTest pattern); every contract test then runs against it too.
+Each backend's tests subclass ``StoreContract`` and override the ``make_store`` fixture
+(requests-cache's BaseStorageTest pattern): ``TestSQLiteStore`` and ``TestRedisStore`` run every
+contract test. The rest of the contract (namespaces, listing, export, bounds, near matching) is in
+test_store_contract.py, parametrized over both backends.
 """
 
 from __future__ import annotations
@@ -160,6 +162,24 @@ class TestSQLiteStore(StoreContract):
         def make(ttl_seconds=0, clock=None):
             store = SQLiteStore(str(tmp_path / "cache.sqlite3"), ttl_seconds, clock=clock or FakeClock(),
                                 hit_flush_seconds=0)
+            stores.append(store)
+            return store
+
+        yield make
+        for store in stores:
+            store.close()
+
+
+class TestRedisStore(StoreContract):
+    @pytest.fixture
+    def make_store(self, redis_server, redis_prefix):
+        from stores.redis import RedisStore
+
+        stores = []
+
+        def make(ttl_seconds=0, clock=None):
+            store = RedisStore(redis_server.url(), ttl_seconds, prefix=redis_prefix,
+                               clock=clock or FakeClock(), hit_flush_seconds=0, maintenance_seconds=0)
             stores.append(store)
             return store
 
