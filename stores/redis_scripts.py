@@ -54,7 +54,7 @@ end
 PUT = WRITES + _LUA_ADD + """
 local P, key, now_s = ARGV[1], ARGV[2], ARGV[3]
 local now, ttl = tonumber(now_s), tonumber(ARGV[4])
-local own_s, model, ns, group = ARGV[5], ARGV[7], ARGV[10], ARGV[16]
+local own_s, model, ns, group, fp = ARGV[5], ARGV[7], ARGV[10], ARGV[16], ARGV[17]
 local e = P .. 'e:' .. key
 local meta = redis.call('HGET', P .. 'meta', key)
 if meta and ARGV[19] == '1' then return 'present' end
@@ -65,7 +65,9 @@ local outcome, hits, last_hit = 'stored', '0', false
 redis.call('HSETNX', P .. 'counters', 'since', now_s)
 if meta then
   local m = cjson.decode(meta)
-  local old = redis.call('HMGET', e, 'created_at', 'expires_at', 'last_hit_at', 'hits')
+  local old = redis.call('HMGET', e, 'created_at', 'expires_at', 'last_hit_at', 'hits', 'near_fp')
+  -- re-stored without a near record (an exact-mode store of the same request): it keeps its own
+  if group == '' and m[4] ~= '' and old[5] then group, fp = m[4], old[5] end
   local live = false
   if old[1] then
     local oc, oe = tonumber(old[1]), tonumber(old[2])
@@ -91,7 +93,7 @@ local fields = {'mode', ARGV[6], 'model', model, 'request_json', ARGV[8], 'respo
 if last_hit then table.insert(fields, 'last_hit_at'); table.insert(fields, last_hit) end
 if group ~= '' then
   table.insert(fields, 'near_group'); table.insert(fields, group)
-  table.insert(fields, 'near_fp'); table.insert(fields, ARGV[17])
+  table.insert(fields, 'near_fp'); table.insert(fields, fp)
 end
 redis.call('HSET', e, unpack(fields))
 local own, created = tonumber(own_s), tonumber(created_s)
