@@ -96,8 +96,13 @@ def ignored_keys(configured: tuple[str, ...]) -> frozenset[str]:
     return ALWAYS_IGNORED_KEYS | frozenset(configured)
 
 
-def canonical_payload(mode: str, body: Mapping[str, Any], ignore_keys: frozenset[str]) -> dict:
+def canonical_payload(mode: str, body: Mapping[str, Any], ignore_keys: frozenset[str],
+                      extra: Mapping[str, Any] | None = None) -> dict:
+    """What the key hashes: the body less the ignored fields, the API's ``extra`` key material
+    (request headers that change the answer), and the mode."""
     payload = {name: value for name, value in body.items() if name not in ignore_keys}
+    if extra:
+        payload.update(extra)
     payload["mode"] = mode
     return payload
 
@@ -285,6 +290,7 @@ def decide(
     bypass_header: bool = False,
     partition: str | None = None,
     controls: RequestControls | None = None,
+    key_extra: Mapping[str, Any] | None = None,
 ) -> Decision:
     """Derive the key and decide; the first reason that applies wins, as in the original.
 
@@ -293,11 +299,12 @@ def decide(
     request's Cache-Control / X-Cache-* headers) come after the original's reasons:
     ``no-store`` keeps the read and drops the write, ``no-cache`` drops the read. With neither a
     partition nor a namespace the key is byte-identical to the original server's.
+    ``key_extra``: the API's key material beyond the body (see ``canonical_payload``).
     """
     controls = controls or RequestControls()
     ignore = ignored_keys(settings.cache_ignore_keys)
     clean_strings: list[str] = []  # screenshots, already checked once: see canonical_json
-    canonical = canonical_json(canonical_payload(mode, body, ignore), clean_strings)
+    canonical = canonical_json(canonical_payload(mode, body, ignore, key_extra), clean_strings)
     key = hash_canonical(canonical, partition, controls.namespace)
 
     def bypass(reason: str) -> Decision:

@@ -49,7 +49,13 @@ class ClientPartitions:
         """
         if not self.enabled:
             return None
-        token = bearer_token(authorization)
+        return self.partition_for_token(bearer_token(authorization))
+
+    def partition_for_token(self, token: str | None) -> str | None:
+        """The partition of a client key, whatever header carried it (None: no key, shared).
+
+        The caller decides whether its API partitions at all (an API whose upstream key the
+        server holds does not)."""
         if token is None:
             return None
         identity = b"key " + token.encode("utf-8", "surrogatepass")

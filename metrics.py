@@ -30,23 +30,9 @@ HIT_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
 UPSTREAM_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
-def _number(value: Any) -> float:
-    """A usage figure as a non-negative number; anything else (missing, text, bool) is 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
-        return 0
-    return value
-
-
-def usage_figures(completion: Any) -> dict[str, Any]:
-    """What one hit on this answer saves, from its ``usage`` (``cost`` where the provider sends it)."""
-    usage = completion.get("usage") if isinstance(completion, dict) else None
-    if not isinstance(usage, dict):
-        usage = {}
-    return {
-        "prompt_tokens": int(_number(usage.get("prompt_tokens"))),
-        "completion_tokens": int(_number(usage.get("completion_tokens"))),
-        "cost_usd": float(_number(usage.get("cost"))),
-    }
+def saved_figures(figures: dict[str, Any], model: Any) -> dict[str, Any]:
+    """NewEntry's savings fields from an API's ``usage_figures`` (a cost it did not say is 0)."""
+    return {**figures, "cost_usd": figures.get("cost_usd") or 0.0}
 
 
 def model_label(model: Any) -> str:
@@ -64,9 +50,9 @@ class RequestObserver:
     def request_model(self, model: Any) -> None:
         """The model of a completion request, counted when it is answered."""
 
-    def entry_figures(self, completion: Any) -> dict[str, Any]:
-        """Extra NewEntry fields for an answer about to be stored."""
-        return usage_figures(completion)
+    def entry_figures(self, figures: dict[str, Any], model: Any) -> dict[str, Any]:
+        """Extra NewEntry fields for an answer about to be stored, from its API's usage figures."""
+        return saved_figures(figures, model)
 
 
 class TimedUpstream:
@@ -186,11 +172,11 @@ class Monitor(RequestObserver):
         """The model this request reported (``request_model``), inside a Flask request."""
         return g.get("computer_use_cache_model", "unknown")
 
-    def entry_figures(self, completion: Any) -> dict[str, Any]:
+    def entry_figures(self, figures: dict[str, Any], model: Any) -> dict[str, Any]:
         """Usage, plus the upstream time this thread's request has taken so far (a whole stream)."""
         started = getattr(self._local, "upstream_started", None)
         seconds = time.monotonic() - started if started is not None else 0.0
-        return {**usage_figures(completion), "upstream_seconds": round(seconds, 6)}
+        return {**saved_figures(figures, model), "upstream_seconds": round(seconds, 6)}
 
     def store_error(self, operation: str) -> None:
         self.store_errors.labels(operation).inc()

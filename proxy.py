@@ -1,8 +1,9 @@
 """The cache flow for one completion request: decide, look up, coalesce, forward, store, answer.
 
 ``CompletionProxy`` turns a Flask request into a Flask response. What may be cached is decided by
-``cache_policy.decide``; how an API's requests and answers look lives in ``wire`` and
-``streaming``; the store and the upstream client are passed in.
+``cache_policy.decide``; how an API's requests and answers look lives in its module in ``apis/``
+(the proxy calls ``apis.base.Api`` and names no API); the store and the upstream client are
+passed in.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterable, Iterator
 
 from flask import Request, Response
 
+from apis import API_LIST, Api
 from cache_policy import Decision, decide, forwarded_json, parse_request_controls, strip_proxy_controls
 from cache_policy import switch_value
 from cache_store import CachedEntry, NewEntry, SQLiteStore, StoreError
@@ -27,9 +29,10 @@ from errors import PayloadTooLarge, UpstreamFailed
 from guard import body_too_large_message
 from key_partition import ClientPartitions, KeySecretError
 from metrics import RequestObserver
-from streaming import StreamCapture, expected_choice_count, replay
-from upstream import UpstreamClient, UpstreamStream, relayable_headers
-from wire import Endpoint, parse_request_json, uncacheable_reason, wants_stream, wants_usage
+from apis.base import environ_key
+from streaming import SseCapture
+from upstream import UpstreamClient, UpstreamStream, UpstreamTarget, relayable_headers
+from wire import parse_request_json
 
 log = logging.getLogger("computer_use_cache.proxy")
 
@@ -153,45 +156,61 @@ class KnownRequest:
 
     key: str
     stream: bool
-    include_usage: bool
+    variant: Hashable
+
+
+@dataclass(frozen=True)
+class ApiSetup:
+    """What the settings make of one API, worked out once: where its misses go, whether client
+    keys partition its cache, and the request headers (as environ keys) its decision depends on."""
+
+    target: UpstreamTarget
+    partitioned: bool
+    fingerprint_keys: tuple[str, ...]
 
 
 class CompletionProxy:
     def __init__(self, settings: Settings, store: SQLiteStore, upstream: UpstreamClient,
-                 coalescer: Coalescer | None):
+                 coalescer: Coalescer | None, apis: Iterable[Api] = API_LIST):
         self.settings = settings
         self.store = store
         self.upstream = upstream
         self.coalescer = coalescer
         self.observer = RequestObserver()  # create_app puts its metrics.Monitor here
         self.partitions = ClientPartitions(settings)
+        self.setups = {api.mode: self._setup(api) for api in apis}
         # Rendered replays, keyed by entry version, so a re-stored entry is never served
         # stale; a deleted entry is never reached because the store lookup comes first.
         self._replays = RecentItems(256)
         # (mode, sha256 of the body bytes) -> KnownRequest, for cacheable requests only.
         self._known = RecentItems(4096)
 
+    def _setup(self, api: Api) -> ApiSetup:
+        target = api.upstream_target(self.settings)
+        partitioned = not target.api_key and not self.settings.cache_share_across_keys
+        headers = api.key_headers + (api.client_key_headers if partitioned else ())
+        return ApiSetup(target, partitioned, tuple(environ_key(name) for name in headers))
+
     # -- entry point ----------------------------------------------------------------------------
 
-    def handle(self, endpoint: Endpoint, request: Request) -> Response:
-        fingerprint = self.fingerprint(endpoint, request.get_data(), request.environ)
-        hit = self.known_hit(endpoint, fingerprint)
+    def handle(self, api: Api, request: Request) -> Response:
+        fingerprint = self.fingerprint(api, request.get_data(), request.environ)
+        hit = self.known_hit(api, fingerprint)
         if hit is not None:
             self.observer.request_model(hit.model)
             return hit.response()
         body = parse_json_body(request)
         self.observer.request_body(body)
-        endpoint.validate(body)
-        decision = self._decide(endpoint, body, request)
-        stream = wants_stream(body)
-        include_usage = wants_usage(body)
+        api.validate(body)
+        decision = self._decide(api, body, request)
+        stream = api.wants_stream(body)
+        variant = api.replay_variant(body)
         if decision.read:
             if fingerprint is not None:
-                self._known.put(fingerprint, KnownRequest(decision.key, stream, include_usage))
+                self._known.put(fingerprint, KnownRequest(decision.key, stream, variant))
             entry = self._lookup(decision.key, decision.max_age)
             if entry is not None:
-                hit = self._answer_hit(endpoint, entry, Outcome("HIT", decision.key), stream,
-                                       include_usage)
+                hit = self._answer_hit(api, entry, Outcome("HIT", decision.key), stream, variant)
                 if hit is not None:
                     return hit.response()
         flight = None
@@ -207,29 +226,30 @@ class CompletionProxy:
             entry = self._lookup(decision.key, decision.max_age) if decision.read else None
             if entry is not None:
                 outcome = Outcome("HIT", decision.key, coalesced=flight is None)
-                hit = self._answer_hit(endpoint, entry, outcome, stream, include_usage)
+                hit = self._answer_hit(api, entry, outcome, stream, variant)
                 if hit is not None:
                     if flight is not None:
                         flight.release()
                     return hit.response()
         try:
             if stream:
-                response = self._forward_stream(endpoint, body, request, decision, flight)
+                response = self._forward_stream(api, body, request, decision, flight)
                 if flight is not None:
                     # The stream releases it once stored; this covers answers that never
                     # became a stream (an upstream error) and clients that leave early.
                     response.call_on_close(flight.release)
                 flight = None
                 return response
-            return self._forward(endpoint, body, request, decision)
+            return self._forward(api, body, request, decision)
         finally:
             if flight is not None:
                 flight.release()
 
-    def fingerprint(self, endpoint: Endpoint, body: bytes,
+    def fingerprint(self, api: Api, body: bytes,
                     environ: dict[str, Any]) -> tuple[str, bytes] | None:
         """What identifies a request's decision without parsing it: the mode, the exact body
-        bytes and (when the cache is partitioned by client key) the Authorization header.
+        bytes, the API's key headers and (when its cache is partitioned by client key) the
+        client's key headers.
 
         None for requests that carry per-request cache headers: they take the full path.
         Worked out once per request: the known-hit lane and the Flask path share it (environ).
@@ -239,14 +259,13 @@ class CompletionProxy:
         fingerprint = None
         if not any(name in environ for name in _CONTROL_HEADER_KEYS):
             digest = hashlib.sha256(body)
-            if self.partitions.enabled:
-                authorization = environ.get("HTTP_AUTHORIZATION", "")
-                digest.update(b"\0" + authorization.encode("utf-8", "surrogateescape"))
-            fingerprint = endpoint.mode, digest.digest()
+            for name in self.setups[api.mode].fingerprint_keys:
+                digest.update(b"\0" + environ.get(name, "").encode("utf-8", "surrogateescape"))
+            fingerprint = api.mode, digest.digest()
         environ[_FINGERPRINT_ENVIRON] = fingerprint
         return fingerprint
 
-    def known_hit(self, endpoint: Endpoint, fingerprint: tuple[str, bytes] | None) -> StoredReply | None:
+    def known_hit(self, api: Api, fingerprint: tuple[str, bytes] | None) -> StoredReply | None:
         """The stored answer for request bytes seen before, found without parsing them again;
         None when they are new (or their entry is gone): the full path then decides."""
         known = self._known.get(fingerprint) if fingerprint is not None else None
@@ -255,22 +274,24 @@ class CompletionProxy:
         entry = self._lookup(known.key)
         if entry is None:
             return None
-        return self._answer_hit(endpoint, entry, Outcome("HIT", known.key), known.stream,
-                                known.include_usage)
+        return self._answer_hit(api, entry, Outcome("HIT", known.key), known.stream, known.variant)
 
-    def _decide(self, endpoint: Endpoint, body: dict, request: Request) -> Decision:
+    def _decide(self, api: Api, body: dict, request: Request) -> Decision:
         """``decide`` for this client's partition of the cache; a BYPASS, with the reason, while
         the database or the partition secret cannot be used."""
         unavailable = None
-        try:
-            partition = self.partitions.partition_for(request.headers.get("Authorization"))
-        except KeySecretError as exc:
-            partition, unavailable = None, str(exc)
+        partition = None
+        if self.setups[api.mode].partitioned:
+            try:
+                partition = self.partitions.partition_for_token(api.client_key(request.headers))
+            except KeySecretError as exc:
+                unavailable = str(exc)
         decision = decide(
-            self.settings, endpoint.mode, body,
+            self.settings, api.mode, body,
             bypass_header=switch_value(request.headers.get("X-Cache-Bypass", "0")),
             partition=partition,
             controls=parse_request_controls(request.headers),
+            key_extra=api.key_extra(body, request.headers),
         )
         if decision.bypass:
             return decision
@@ -296,11 +317,11 @@ class CompletionProxy:
             log.warning("cache lookup failed, answering without the cache: %s", exc)
             return None
 
-    def _answer_hit(self, endpoint: Endpoint, entry: CachedEntry, outcome: Outcome,
-                    stream: bool, include_usage: bool) -> StoredReply | None:
+    def _answer_hit(self, api: Api, entry: CachedEntry, outcome: Outcome,
+                    stream: bool, variant: Hashable) -> StoredReply | None:
         """The stored answer, as JSON or replayed as a stream; None if the row is unreadable."""
         if stream:
-            events = self._replayed(endpoint, entry, include_usage)
+            events = self._replayed(api, entry, variant)
             if events is None:
                 return None
             self.store.record_hit(entry.key)
@@ -318,15 +339,15 @@ class CompletionProxy:
         self.store.record_hit(entry.key)
         return StoredReply(body, JSON_CONTENT_TYPE, outcome.headers(), entry.model)
 
-    def _replayed(self, endpoint: Endpoint, entry: CachedEntry, include_usage: bool) -> bytes | None:
+    def _replayed(self, api: Api, entry: CachedEntry, variant: Hashable) -> bytes | None:
         """The SSE bytes of a stored answer, rendered once per entry version and kept a while."""
-        version = (entry.key, entry.updated_at, endpoint.mode, include_usage)
+        version = (entry.key, entry.updated_at, api.mode, variant)
         events = self._replays.get(version)
         if events is None:
             completion = _parse_stored(entry)
-            if completion is None:
+            if not isinstance(completion, dict):
                 return None
-            events = b"".join(replay(endpoint.mode, completion, include_usage))
+            events = b"".join(api.replay(completion, variant))
             self._replays.put(version, events)
         return events
 
@@ -341,9 +362,10 @@ class CompletionProxy:
         # json.dumps(forwarded, ensure_ascii=False), with the screenshot fast path (~4x at 400 KB)
         return forwarded_json(forwarded).encode("utf-8", "surrogatepass")
 
-    def _forward(self, endpoint: Endpoint, body: dict, request: Request, decision: Decision) -> Response:
-        reply = self.upstream.request("POST", endpoint.upstream_path, request.headers,
-                                      self._upstream_body(request, body))
+    def _forward(self, api: Api, body: dict, request: Request, decision: Decision) -> Response:
+        reply = self.upstream.request("POST", api.upstream_path, request.headers,
+                                      self._upstream_body(request, body),
+                                      self.setups[api.mode].target)
         outcome = self._initial_outcome(decision)
         passthrough = relayable_headers(reply.headers)
         if not 200 <= reply.status < 300:
@@ -355,7 +377,7 @@ class CompletionProxy:
             outcome = Outcome("BYPASS", decision.key, reason="upstream response was not JSON")
             return self._relay(reply.body, reply.status, passthrough, outcome)
         if decision.write:
-            outcome.store = self._store(endpoint, body, decision, data, reply.body.decode("utf-8", "replace").strip())
+            outcome.store = self._store(api, body, decision, data, reply.body.decode("utf-8", "replace").strip())
         if self.settings.include_cache_metadata and isinstance(data, dict):
             return self._relay(with_metadata(data, outcome), reply.status, passthrough, outcome)
         return self._relay(reply.body, reply.status, passthrough, outcome)
@@ -371,18 +393,18 @@ class CompletionProxy:
         response = Response(data, status=status, headers={**passthrough, **outcome.headers()})
         return response
 
-    def _store(self, endpoint: Endpoint, body: dict, decision: Decision, data: Any, text: str) -> str:
+    def _store(self, api: Api, body: dict, decision: Decision, data: Any, text: str) -> str:
         """Store one complete answer; returns the store outcome for the headers."""
-        reason = uncacheable_reason(data)
+        reason = api.uncacheable_reason(data)
         if reason:
             return f"skipped: {reason}"
         if len(text) > self.settings.cache_max_response_chars:
             return "skipped: response is too large for cache"
         request_json = decision.canonical[:-1] + f',"cache_key":"{decision.key}"}}'
         try:
-            return self.store.put(NewEntry(decision.key, endpoint.mode, str(body.get("model")),
-                                           _storable(request_json), _storable(text),
-                                           **self.observer.entry_figures(data)),
+            figures = self.observer.entry_figures(api.usage_figures(data), body.get("model"))
+            return self.store.put(NewEntry(decision.key, api.mode, str(body.get("model")),
+                                           _storable(request_json), _storable(text), **figures),
                                   ttl_seconds=decision.ttl_seconds, namespace=decision.namespace)
         except StoreError as exc:
             log.warning("cache write failed: %s", exc)
@@ -390,7 +412,7 @@ class CompletionProxy:
 
     # -- streamed misses ------------------------------------------------------------------------
 
-    def _forward_stream(self, endpoint: Endpoint, body: dict, request: Request, decision: Decision,
+    def _forward_stream(self, api: Api, body: dict, request: Request, decision: Decision,
                         flight) -> Response:
         """A streamed miss: relayed event by event as it arrives, stored once it proved whole.
 
@@ -402,20 +424,21 @@ class CompletionProxy:
         handed_over = False
         try:
             # To store usage with the answer the proxy asks for it; a client that did not ask
-            # never sees it (StreamCapture takes it out again).
-            ask_usage = decision.write and not wants_usage(body)
-            upstream = self._open_stream(endpoint, body, request, ask_usage)
+            # never sees it (the capture takes it out again).
+            usage_request = api.usage_request(body) if decision.write else None
+            ask_usage = usage_request is not None
+            upstream = self._open_stream(api, body, request, usage_request)
             cleanup.stream = upstream
             if ask_usage and upstream.status == 400:
                 error = upstream.read_all()
-                if b"stream_options" not in error:
+                if (api.usage_option or "").encode() not in error:
                     return self._relay(error, upstream.status, relayable_headers(upstream.headers),
                                        Outcome("BYPASS", decision.key, reason="upstream returned an error"))
                 # An upstream that rejects stream_options gets the client's own request instead.
-                log.info("upstream rejected stream_options; asking again without it")
+                log.info("upstream rejected %s; asking again without it", api.usage_option)
                 cleanup.close_stream()
                 ask_usage = False
-                upstream = self._open_stream(endpoint, body, request, ask_usage)
+                upstream = self._open_stream(api, body, request, None)
                 cleanup.stream = upstream
             passthrough = relayable_headers(upstream.headers)
             if not 200 <= upstream.status < 300:
@@ -425,7 +448,7 @@ class CompletionProxy:
                 outcome = Outcome("BYPASS", decision.key, reason="upstream did not answer with a stream")
                 return self._relay(upstream.read_all(), upstream.status, passthrough, outcome)
             passthrough = {k: v for k, v in passthrough.items() if k.lower() != "content-type"}
-            events = self._relay_stream(endpoint, body, decision, upstream, ask_usage, cleanup)
+            events = self._relay_stream(api, body, decision, upstream, ask_usage, cleanup)
             response = Response(events, status=upstream.status, content_type=SSE_CONTENT_TYPE,
                                 headers={**passthrough, **SSE_HEADERS,
                                          **self._initial_outcome(decision).headers()})
@@ -437,18 +460,17 @@ class CompletionProxy:
             if not handed_over:
                 cleanup()
 
-    def _open_stream(self, endpoint: Endpoint, body: dict, request: Request, ask_usage: bool) -> UpstreamStream:
-        extra = None
-        if ask_usage:
-            extra = {"stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-        return self.upstream.open("POST", endpoint.upstream_path, request.headers,
-                                  self._upstream_body(request, body, extra))
+    def _open_stream(self, api: Api, body: dict, request: Request, extra: dict | None) -> UpstreamStream:
+        return self.upstream.open("POST", api.upstream_path, request.headers,
+                                  self._upstream_body(request, body, extra),
+                                  self.setups[api.mode].target)
 
-    def _relay_stream(self, endpoint: Endpoint, body: dict, decision: Decision,
-                      upstream: UpstreamStream, drop_usage_chunk: bool, cleanup: "_Cleanup") -> Iterator[bytes]:
-        """Each upstream piece goes to the client at once; the answer is stored when [DONE] arrives,
-        before [DONE] itself is sent, so a client that asks again right away gets a hit."""
-        capture = StreamCapture(endpoint.mode, drop_usage_chunk=drop_usage_chunk)
+    def _relay_stream(self, api: Api, body: dict, decision: Decision,
+                      upstream: UpstreamStream, drop_usage: bool, cleanup: "_Cleanup") -> Iterator[bytes]:
+        """Each upstream piece goes to the client at once; the answer is stored when the terminal
+        event ([DONE], message_stop...) arrives, before that event itself is sent, so a client
+        that asks again right away gets a hit."""
+        capture = api.capture(body, drop_usage)
         settled = False
 
         def settle() -> None:
@@ -457,7 +479,7 @@ class CompletionProxy:
                 settled = True
                 if decision.write:
                     try:
-                        self._store_stream(endpoint, body, decision, capture)
+                        self._store_stream(api, body, decision, capture)
                     except Exception:  # the client's stream must not die for the cache's sake
                         log.exception("stream %s not stored: storing failed", decision.key[:12])
                 cleanup.release_flight()
@@ -478,7 +500,7 @@ class CompletionProxy:
                 out = capture.fail("The proxy failed while relaying the stream.", code="proxy_stream_failed")
             settle()
             if decision.write and not capture.done:
-                log.info("stream %s not stored: it ended before [DONE]", decision.key[:12])
+                log.info("stream %s not stored: it ended before its last event", decision.key[:12])
             if out:
                 yield out
         except GeneratorExit:
@@ -488,23 +510,21 @@ class CompletionProxy:
         finally:
             cleanup()
 
-    def _store_stream(self, endpoint: Endpoint, body: dict, decision: Decision,
-                      capture: StreamCapture) -> None:
+    def _store_stream(self, api: Api, body: dict, decision: Decision, capture: SseCapture) -> None:
         completion = capture.completion()
         if completion is None:
             log.info("stream %s not stored: incomplete or carried an error", decision.key[:12])
             return
-        expected = expected_choice_count(endpoint.mode, body)
-        if expected is not None and len(completion["choices"]) != expected:
-            log.info("stream %s not stored: %d choices, the request asked for %d", decision.key[:12],
-                     len(completion["choices"]), expected)
+        refusal = api.assembled_refusal(body, completion)
+        if refusal:
+            log.info("stream %s not stored: %s", decision.key[:12], refusal)
             return
         text = json.dumps(completion, ensure_ascii=False)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate from a \u escape: keep it escaped
             text = json.dumps(completion)
-        outcome = self._store(endpoint, body, decision, completion, text)
+        outcome = self._store(api, body, decision, completion, text)
         log.info("stream %s store: %s", decision.key[:12], outcome)
 
 

@@ -1,0 +1,23 @@
+"""Where an API keeps its inline images and tool-call ids: slots the image code can rewrite.
+
+Every API object (``apis/``) yields these from ``inline_images(body)`` and ``tool_call_ids(body)``;
+the computer-use code (digests, near matching) works on slots and never on an API's layout.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class ImageSlot(NamedTuple):
+    """One inline image inside a request body: holder[key] is its text."""
+    holder: dict            # the dict holding the text (mutable: near/digest code replaces holder[key])
+    key: str                # "url" / "image_url" (a data: URL) or "data" (bare base64)
+    encoding: str           # "data_url" (data:image/png;base64,...) or "base64" (bare)
+    media_type: str | None  # for "base64" slots, e.g. Anthropic's source.media_type; None for data URLs
+
+
+class IdSlot(NamedTuple):
+    """One tool-call id inside a request body: holder[key] is the id string."""
+    holder: dict
+    key: str
