@@ -245,6 +245,13 @@ class CompletionProxy:
             if flight is not None:
                 flight.release()
 
+    def forward_uncached(self, api: Api, upstream_path: str, request: Request) -> Response:
+        """A request of the API that is never cached, passed to its upstream as sent."""
+        reply = self.upstream.request(request.method, upstream_path, request.headers,
+                                      request.get_data(), self.setups[api.mode].target)
+        outcome = Outcome("BYPASS", None, reason="this route is not cached")
+        return self._relay(reply.body, reply.status, relayable_headers(reply.headers), outcome)
+
     def fingerprint(self, api: Api, body: bytes,
                     environ: dict[str, Any]) -> tuple[str, bytes] | None:
         """What identifies a request's decision without parsing it: the mode, the exact body

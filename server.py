@@ -44,7 +44,7 @@ STARTED = "computer_use_cache.started"  # the request's start time, kept in its 
 STATUS_HEADER, KEY_HEADER = "X-Computer-Use-Cache", "X-Computer-Use-Cache-Key"
 COALESCED_HEADER = "X-Computer-Use-Cache-Coalesced"
 API_ENDPOINTS = tuple(f"{api.mode}:" for api in API_LIST)  # endpoint names of the API routes
-API_BY_ROUTE = {route: api for api in API_LIST for route in api.routes}
+API_BY_ROUTE = {route: api for api in API_LIST for route in (*api.routes, *api.forwarded_routes)}
 MODEL_ROUTES = ("/v1/models", "/models", "/api/v1/models")
 ROOT_ENDPOINTS = ["/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/models",
                   "/cache/stats"]
@@ -90,6 +90,9 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
         view = api_view(proxy, api)
         for route in api.routes:
             app.add_url_rule(route, f"{api.mode}:{route}", view, methods=["POST"])
+        for route, upstream_path in api.forwarded_routes.items():
+            app.add_url_rule(route, f"forward:{route}", forward_view(proxy, api, upstream_path),
+                             methods=["POST"])
 
     def models() -> Response:
         reply = upstream.request("GET", "/models", request.headers)
@@ -152,6 +155,11 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
 def api_view(proxy: CompletionProxy, api: Api):
     """The view of one API's routes: the proxy's cache flow for that API."""
     return lambda: proxy.handle(api, request)
+
+
+def forward_view(proxy: CompletionProxy, api: Api, upstream_path: str):
+    """The view of a route an API forwards without caching (Anthropic's token counting)."""
+    return lambda: proxy.forward_uncached(api, upstream_path, request)
 
 
 # -- /cache/entries: browse, inspect and delete single entries (admin) ---------------------------

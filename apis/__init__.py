@@ -7,8 +7,9 @@ package names an API.
 from apis.base import Api
 from apis.chat import CHAT
 from apis.completions import COMPLETION
+from apis.messages import MESSAGES
 
-API_LIST: tuple[Api, ...] = (CHAT, COMPLETION)
+API_LIST: tuple[Api, ...] = (CHAT, COMPLETION, MESSAGES)
 API_BY_MODE = {api.mode: api for api in API_LIST}
 
 __all__ = ["Api", "API_LIST", "API_BY_MODE"]

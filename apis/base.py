@@ -55,6 +55,8 @@ class Api:
     client_key_headers: tuple[str, ...] = ("Authorization",)
     # The body field the proxy adds to a stream to have it report usage (None: always reported).
     usage_option: str | None = None
+    # Other POST routes of the API, forwarded uncached: {proxy route: upstream path}.
+    forwarded_routes: Mapping[str, str] = {}
 
     # -- requests -------------------------------------------------------------------------------
 
