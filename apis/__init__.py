@@ -7,9 +7,10 @@ package names an API.
 from apis.base import Api
 from apis.chat import CHAT
 from apis.completions import COMPLETION
+from apis.embeddings import EMBEDDINGS
 from apis.messages import MESSAGES
 
-API_LIST: tuple[Api, ...] = (CHAT, COMPLETION, MESSAGES)
+API_LIST: tuple[Api, ...] = (CHAT, COMPLETION, MESSAGES, EMBEDDINGS)
 API_BY_MODE = {api.mode: api for api in API_LIST}
 
 __all__ = ["Api", "API_LIST", "API_BY_MODE"]

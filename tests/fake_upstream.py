@@ -15,11 +15,14 @@ forever (the benchmark and ``make run`` use this).
 from __future__ import annotations
 
 import argparse
+import base64
 import gzip as _gzip
+import hashlib
 import itertools
 import json
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -441,6 +444,24 @@ def _echo_message(request: dict, call_number: int) -> dict:
     return anthropic_message(text, id=f"msg_fake_{call_number}", model=request.get("model") or "claude-test",
                              usage={"input_tokens": prompt_tokens, "cache_creation_input_tokens": 0,
                                     "cache_read_input_tokens": 0, "output_tokens": _token_estimate(text)})
+
+
+def embeddings_answer(request: dict, dimensions: int = 8) -> dict:
+    """An embeddings ``list``: one deterministic vector per input (from its text), as floats or
+    as base64 of little-endian float32s, the way OpenAI encodes them."""
+    inputs = request.get("input")
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    size = request.get("dimensions") or dimensions
+    data = []
+    for index, item in enumerate(inputs):
+        seed = hashlib.sha256(json.dumps(item).encode()).digest()
+        vector = [round((seed[i % 32] - 128) / 128, 4) for i in range(size)]
+        if request.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = sum(_token_estimate(json.dumps(item)) for item in inputs)
+    return {"object": "list", "data": data, "model": request.get("model") or DEFAULT_MODEL,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def encode_sse_event(event: dict | list | str | bytes) -> bytes:
@@ -885,6 +906,8 @@ class FakeUpstream:
         route = _route(record.path)
         if record.method == "GET" and route == "/models":
             return json_reply(MODELS_LIST, delay=0.0)
+        if record.method == "POST" and route == "/embeddings" and isinstance(record.json, dict):
+            return json_reply(embeddings_answer(record.json))
         if record.method == "POST" and route in ("/messages", "/messages/count_tokens"):
             return self._anthropic_reply(route, record)
         if record.method != "POST" or route not in ("/chat/completions", "/completions"):
