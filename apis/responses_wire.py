@@ -18,10 +18,9 @@ from errors import InvalidRequest
 from images import IdSlot, ImageSlot
 from streaming import json_bytes, split_text
 
-# Events that end a Responses stream; only the first one is a response worth storing.
+# The events that end a Responses stream (there is no [DONE]); only the first holds an answer to store.
 COMPLETED = "response.completed"
-_UNSTORABLE_ENDINGS = frozenset({"response.failed", "response.incomplete"})
-_ENDINGS = frozenset({COMPLETED, *_UNSTORABLE_ENDINGS})
+_ENDINGS = frozenset({COMPLETED, "response.failed", "response.incomplete"})
 
 # Built-in tool calls whose progress OpenAI reports as in_progress -> searching -> completed.
 _SEARCH_CALLS = frozenset({"web_search_call", "file_search_call"})
@@ -174,11 +173,11 @@ def _opened(item: dict, **empty: Any) -> dict:
 
 
 def _text_events(where: dict, delta_type: str, done_type: str, done_key: str, text: Any,
-                 **delta_extra: Any) -> Iterator[tuple[str, dict]]:
+                 **done_extra: Any) -> Iterator[tuple[str, dict]]:
     text = text if isinstance(text, str) else ""
     for piece in split_text(text):
-        yield delta_type, {**where, "delta": piece, **delta_extra}
-    yield done_type, {**where, done_key: text}
+        yield delta_type, {**where, "delta": piece}
+    yield done_type, {**where, done_key: text, **done_extra}
 
 
 def _message_events(item: dict, where: dict) -> Iterator[tuple[str, dict]]:
@@ -188,9 +187,11 @@ def _message_events(item: dict, where: dict) -> Iterator[tuple[str, dict]]:
         at = {"item_id": item_id, "output_index": where["output_index"], "content_index": content_index}
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "output_text":
-            opening = {**part, "text": "", "annotations": []}
-            yield "response.content_part.added", {**at, "part": opening}
             logprobs = part.get("logprobs") if isinstance(part.get("logprobs"), list) else []
+            opening = {**part, "text": "", "annotations": []}
+            if "logprobs" in part:
+                opening["logprobs"] = []
+            yield "response.content_part.added", {**at, "part": opening}
             text = part.get("text") if isinstance(part.get("text"), str) else ""
             for position, piece in enumerate(split_text(text)):
                 # A client that collects logprobs concatenates them: all of them ride on one delta.
@@ -213,11 +214,12 @@ def _message_events(item: dict, where: dict) -> Iterator[tuple[str, dict]]:
 def _reasoning_events(item: dict, where: dict) -> Iterator[tuple[str, dict]]:
     summary = item.get("summary")
     for summary_index, part in enumerate(summary if isinstance(summary, list) else ()):
+        if not isinstance(part, dict):
+            continue
         at = {**where, "summary_index": summary_index}
-        text = part.get("text") if isinstance(part, dict) else None
         yield "response.reasoning_summary_part.added", {**at, "part": {**part, "text": ""}}
         yield from _text_events(at, "response.reasoning_summary_text.delta",
-                                "response.reasoning_summary_text.done", "text", text)
+                                "response.reasoning_summary_text.done", "text", part.get("text"))
         yield "response.reasoning_summary_part.done", {**at, "part": part}
     content = item.get("content")
     for content_index, part in enumerate(content if isinstance(content, list) else ()):
@@ -246,7 +248,8 @@ def _item_events(item: Any, output_index: int) -> Iterator[tuple[str, dict]]:
     elif kind == "function_call":
         yield "response.output_item.added", {**at_index, "item": _opened(item, arguments="")}
         yield from _text_events(where, "response.function_call_arguments.delta",
-                                "response.function_call_arguments.done", "arguments", item.get("arguments"))
+                                "response.function_call_arguments.done", "arguments", item.get("arguments"),
+                                name=item.get("name"))  # the current reference has the name here too
     elif kind == "custom_tool_call":
         yield "response.output_item.added", {**at_index, "item": _opened(item, input="")}
         yield from _text_events(where, "response.custom_tool_call_input.delta",
@@ -365,8 +368,7 @@ class ResponsesStreamAssembler:
             if event_type == COMPLETED and isinstance(payload.get("response"), dict) and self.response is None:
                 self.response = payload["response"]
             else:
-                self.failed = True
-                self.error_relayed = self.error_relayed or event_type in _UNSTORABLE_ENDINGS
+                self.failed = True  # failed, incomplete, or a completed event without a response
 
     def finish(self) -> bytes:
         """The last bytes for the client once the upstream body ended: an unterminated last event,

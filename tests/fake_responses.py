@@ -237,7 +237,8 @@ def _item_stream(item: dict, index: int) -> list[dict]:
         events.append({"type": "response.output_item.added", "output_index": index, "item": started})
         events += [{"type": "response.function_call_arguments.delta", **ids, "delta": piece,
                     "obfuscation": _obfuscation(piece)} for piece in _token_pieces(item["arguments"])]
-        events.append({"type": "response.function_call_arguments.done", **ids, "arguments": item["arguments"]})
+        events.append({"type": "response.function_call_arguments.done", **ids, "arguments": item["arguments"],
+                       "name": item["name"]})
     elif kind == "reasoning":
         started["summary"] = []
         events.append({"type": "response.output_item.added", "output_index": index, "item": started})

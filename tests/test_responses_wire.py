@@ -183,6 +183,11 @@ def test_replay_response__sdk_rebuilds_annotations_logprobs_reasoning_text_and_t
     assert ["response.web_search_call.in_progress", "response.web_search_call.searching",
             "response.web_search_call.completed"] == [t for t in types if t.startswith("response.web_search_call.")]
     assert "response.reasoning_text.delta" in types and "response.custom_tool_call_input.done" in types
+    text_part = next(event.part for event in events if event.type == "response.content_part.added"
+                     and event.part.type == "output_text")
+    assert (text_part.text, text_part.annotations, text_part.logprobs) == ("", [], [])
+    first_delta = next(event for event in events if event.type == "response.output_text.delta")
+    assert [logprob.token for logprob in first_delta.logprobs] == ["See"]
 
 
 def test_replay_response__raw_events_are_numbered_from_zero_and_end_with_the_stored_response(sdk):
