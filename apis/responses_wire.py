@@ -292,10 +292,9 @@ def replay_response(response: dict) -> Iterator[bytes]:
 # -- assembling a live stream -------------------------------------------------------------------
 
 
-def _event_end(buffer: bytes, start: int) -> tuple[int, int]:
+def _event_end(buffer: bytes, start: int, separators: tuple[bytes, ...]) -> tuple[int, int]:
     """Where the first whole event after ``start`` ends and how long its blank-line separator is."""
-    found = [(index, len(sep)) for sep in (b"\r\n\r\n", b"\n\n", b"\r\r")
-             if (index := buffer.find(sep, start)) >= 0]
+    found = [(index, len(sep)) for sep in separators if (index := buffer.find(sep, start)) >= 0]
     return min(found) if found else (-1, 0)
 
 
@@ -331,9 +330,11 @@ class ResponsesStreamAssembler:
 
     def feed(self, data: bytes) -> bytes:
         buffer = self._buffer + data if self._buffer else data
+        # Without a CR only one separator can occur: one search per event, not three over the rest.
+        separators = (b"\n\n",) if b"\r" not in buffer else (b"\r\n\r\n", b"\n\n", b"\r\r")
         start = 0
         while True:
-            end, length = _event_end(buffer, start)
+            end, length = _event_end(buffer, start, separators)
             if end < 0:
                 break
             self._accept(buffer[start:end])

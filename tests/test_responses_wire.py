@@ -15,6 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from apis.responses_wire import (
     ResponsesStreamAssembler,
@@ -248,6 +251,38 @@ def test_replay_response__frames_name_each_event_by_its_type():
         assert json.loads(data_line.removeprefix(b"data: "))["type"].encode() == name_line.removeprefix(b"event: ")
 
 
+# Any text a model can write: every plane, control characters, blank lines, SSE look-alikes.
+ANY_TEXT = st.one_of(st.text(max_size=120), st.sampled_from(["", "\n\ndata: [DONE]\n\n", "event: error\r\n\r\n",
+                                                             "lone \ud800 surrogate", "\u2028\x00\x7f"]))
+ITEM_SPECS = st.one_of(
+    st.builds(lambda text: {"type": "message", "text": text}, ANY_TEXT),
+    st.builds(lambda name, arguments: {"type": "function_call", "name": name or "f", "arguments": arguments},
+              st.text(max_size=12), ANY_TEXT),
+    st.builds(lambda summary: {"type": "reasoning", "summary": summary}, st.lists(ANY_TEXT, max_size=3)),
+    st.builds(lambda x, y: {"type": "computer_call", "action": {"type": "click", "button": "left", "x": x, "y": y}},
+              st.integers(0, 4000), st.integers(0, 4000)),
+)
+RESPONSES = st.builds(lambda specs, number: responses_answer({"model": "m", "input": "go"}, number, scripted=specs),
+                      st.lists(ITEM_SPECS, max_size=5), st.integers(1, 10**6))
+
+
+def test_replay_response__sdk_rebuilds_text_that_looks_like_framing_or_is_not_utf8(sdk):
+    texts = ["\n\ndata: [DONE]\n\n", "event: error\r\n\r\ndata: {}", "lone \ud800 surrogate", "é漢🙂" * 40]
+    stored = responses_answer({"model": "m", "input": "go"}, 5, scripted=[
+        {"type": "message", "text": text} for text in texts] + [
+        {"type": "function_call", "name": "f", "arguments": text} for text in texts])
+    final, events = final_response_via_sdk(sdk, b"".join(replay_response(stored)))
+    assert final == stored
+    assert [event.text for event in events if event.type == "response.output_text.done"] == texts
+
+
+@hypothesis_settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stored=RESPONSES)
+def test_replay_response__sdk_rebuilds_any_stored_response(sdk, stored):
+    final, _ = final_response_via_sdk(sdk, b"".join(replay_response(stored)))
+    assert final == stored
+
+
 # --------------------------------------------------------------------------- assembly
 
 
@@ -280,6 +315,15 @@ def test_responses_stream_assembler__byte_by_byte_gives_the_fakes_response(scrip
     stored = make_response(script)
     data = "".join(responses_events(stored)).encode()
     assembler, relayed = assemble(data, list(range(1, len(data))))
+    assert relayed == data
+    assert assembler.completion() == stored
+
+
+@hypothesis_settings(max_examples=100, deadline=None)
+@given(stored=RESPONSES, cuts=st.lists(st.integers(0, 10**5), max_size=8), replayed=st.booleans())
+def test_responses_stream_assembler__any_response_cut_anywhere_assembles_back(stored, cuts, replayed):
+    data = b"".join(replay_response(stored)) if replayed else "".join(responses_events(stored)).encode()
+    assembler, relayed = assemble(data, sorted(cut % (len(data) + 1) for cut in cuts))
     assert relayed == data
     assert assembler.completion() == stored
 
