@@ -29,7 +29,8 @@ _TOKENISH = re.compile(r"\s*\S{1,6}|\s+")
 def responses_answer(request: dict, call_number: int, scripted: list[dict] | None = None) -> dict:
     """The ``response`` object answering ``request``; ids are unique per ``call_number``.
 
-    Without ``scripted``: one assistant message echoing the last input text. With it: one
+    Without ``scripted``: one assistant message echoing the last input text. A ``background``
+    request gets the queued job instead (no output yet), as OpenAI answers it. With ``scripted``: one
     output item per entry, each completed from a short spec (missing ids, call ids and statuses
     filled in): ``{"type": "message", "text": ...}``, ``{"type": "function_call", "name": ...,
     "arguments": str | dict}``, ``{"type": "computer_call", "action": {...},
@@ -42,7 +43,7 @@ def responses_answer(request: dict, call_number: int, scripted: list[dict] | Non
     output_tokens = sum(_tokens(json.dumps(item, sort_keys=True)) for item in output)
     reasoning_tokens = sum(_tokens(json.dumps(item.get("summary"))) for item in output if item["type"] == "reasoning")
     created = BASE_CREATED + call_number
-    return {
+    response = {
         "id": f"resp_{call_number:08x}fake{_hex(call_number, 32)}",
         "object": "response",
         "created_at": created,
@@ -80,6 +81,10 @@ def responses_answer(request: dict, call_number: int, scripted: list[dict] | Non
         "user": None,
         "metadata": request.get("metadata") or {},
     }
+    if request.get("background") is True:
+        # A background request is answered at once with the job queued; the output comes later.
+        response.update(status="queued", background=True, completed_at=None, output=[], usage=None)
+    return response
 
 
 def _output_item(spec: dict, call_number: int, position: int) -> dict:

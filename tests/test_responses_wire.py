@@ -553,6 +553,9 @@ def test_responses_answer__echoes_the_input_with_ids_unique_per_call():
     assert first["id"] != second["id"] and first["id"].startswith("resp_")
     assert first["output"][0]["id"] != second["output"][0]["id"]
     assert storable_reason(first) is None
+    queued = responses_answer({"model": "m", "input": "later", "background": True}, 4)
+    assert (queued["status"], queued["output"], queued["background"]) == ("queued", [], True)
+    assert "background" in storable_reason(queued)
     scripted = make_response("multiple_items", 3)
     assert len({item.get("id") for item in scripted["output"]}) == 6
     assert len({item.get("call_id") for item in scripted["output"] if "call_id" in item}) == 4
