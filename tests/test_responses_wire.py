@@ -545,6 +545,24 @@ def test_tool_call_ids__finds_every_echoed_id_in_document_order():
 # --------------------------------------------------------------------------- the fake itself
 
 
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_responses_events__the_sdk_reads_the_fakes_stream_as_its_response(sdk, script):
+    stored = make_response(script)
+    final, events = final_response_via_sdk(sdk, "".join(responses_events(stored)).encode())
+    assert final == stored
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+
+
+def test_responses_events__the_sdk_sees_the_fakes_failures_as_failures(sdk):
+    stored = make_response("multiple_items")
+    with pytest.raises(openai.APIError, match="Too Many Requests"):
+        final_response_via_sdk(sdk, stream_bytes(error_payloads(stored)))
+    for events in (failed_payloads(stored), incomplete_payloads(stored), truncated_payloads(stored)):
+        with pytest.raises(RuntimeError, match="response.completed"):
+            final_response_via_sdk(sdk, stream_bytes(events))
+
+
+
 def test_responses_answer__echoes_the_input_with_ids_unique_per_call():
     first = responses_answer({"model": "m", "input": [{"role": "user", "content": [
         {"type": "input_text", "text": "click OK"}]}]}, 1)
