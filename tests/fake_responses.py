@@ -41,7 +41,8 @@ def responses_answer(request: dict, call_number: int, scripted: list[dict] | Non
     output = [_output_item(spec, call_number, position) for position, spec in enumerate(specs)]
     input_tokens = _tokens(json.dumps(request.get("input"), sort_keys=True))
     output_tokens = sum(_tokens(json.dumps(item, sort_keys=True)) for item in output)
-    reasoning_tokens = sum(_tokens(json.dumps(item.get("summary"))) for item in output if item["type"] == "reasoning")
+    reasoning_tokens = sum(_tokens(json.dumps(item.get("summary")))
+                           for item in output if item["type"] == "reasoning")
     created = BASE_CREATED + call_number
     response = {
         "id": f"resp_{call_number:08x}fake{_hex(call_number, 32)}",
@@ -100,11 +101,13 @@ def _output_item(spec: dict, call_number: int, position: int) -> dict:
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments, separators=(",", ":"))
         return {"id": spec.get("id", f"fc_{suffix}"), "type": "function_call", "status": "completed",
-                "arguments": arguments, "call_id": spec.get("call_id", f"call_{_hex(position + 7 * call_number, 24)}"),
+                "arguments": arguments,
+                "call_id": spec.get("call_id", f"call_{_hex(position + 7 * call_number, 24)}"),
                 "name": spec["name"]}
     if kind == "computer_call":
         return {"id": spec.get("id", f"cu_{suffix}"), "type": "computer_call", "status": "completed",
-                "action": spec["action"], "call_id": spec.get("call_id", f"call_{_hex(position + 11 * call_number, 24)}"),
+                "action": spec["action"],
+                "call_id": spec.get("call_id", f"call_{_hex(position + 11 * call_number, 24)}"),
                 "pending_safety_checks": spec.get("pending_safety_checks", [])}
     if kind == "reasoning":
         item = {"id": spec.get("id", f"rs_{suffix}"), "type": "reasoning",
@@ -178,7 +181,8 @@ def incomplete_payloads(response: dict, reason: str = "max_output_tokens") -> li
     return _numbered([*_opening(response), *body, {"type": "response.incomplete", "response": incomplete}])
 
 
-def error_payloads(response: dict, message: str = "Too Many Requests", code: str = "too_many_requests") -> list[dict]:
+def error_payloads(response: dict, message: str = "Too Many Requests",
+                   code: str = "too_many_requests") -> list[dict]:
     """A stream broken off by an ``error`` event, nested as the live API sends it."""
     error = {"type": "error", "error": {"type": code, "code": code, "message": message, "param": None}}
     return _numbered([*_opening(response), error])

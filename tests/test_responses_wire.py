@@ -8,9 +8,12 @@ into the fake's response; a stream that failed, ran out, erred or broke off is n
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import struct
 import threading
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
@@ -41,8 +44,20 @@ from fake_responses import (
     truncated_payloads,
 )
 
-PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
-JPEG = "data:image/jpeg;base64,/9j/4AAQSkZJRgABAQEASABIAAD/2wBDAP//////////////////////////////////////////2wBDAf//////////////////////////////////////////wAARCAABAAEDASIAAhEBAxEB/8QAFAABAAAAAAAAAAAAAAAAAAAACf/EABQQAQAAAAAAAAAAAAAAAAAAAAD/2gAIAQEAAD8AKp//2Q=="
+
+
+def png_data_url(width: int, height: int, rgb: tuple[int, int, int]) -> str:
+    """A real one-colour PNG as a data: URL (Pillow is not a dependency of this branch)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+PNG = png_data_url(4, 3, (255, 0, 0))
+SCREENSHOT = png_data_url(64, 48, (32, 64, 128))
 LONG_TEXT = "The login button is at the top right of the page; I will click it and then wait for the form. " * 3
 CLICK = {"type": "click", "button": "left", "x": 156, "y": 50}
 SAFETY_CHECK = {"id": "cu_sc_67cb", "code": "malicious_instructions", "message": "Check the page first."}
@@ -64,7 +79,8 @@ SCRIPTS = {
         {"type": "computer_call", "action": {"type": "type", "text": "hello"}},
         {"type": "computer_call", "action": {"type": "screenshot"}},
     ],
-    "refusal": [{"type": "message", "content": [{"type": "refusal", "refusal": "I can't help with that request."}]}],
+    "refusal": [{"type": "message",
+                 "content": [{"type": "refusal", "refusal": "I can't help with that request."}]}],
 }
 
 
@@ -89,7 +105,8 @@ def extra_rich_response() -> dict:
          "content": [{"type": "output_text", "text": text,
                       "annotations": [{"type": "url_citation", "start_index": 14, "end_index": 17,
                                        "url": "https://example.com/docs", "title": "Docs"}],
-                      "logprobs": [{"token": "See", "logprob": -0.1, "bytes": [83, 101, 101], "top_logprobs": []}]}]},
+                      "logprobs": [{"token": "See", "logprob": -0.1, "bytes": [83, 101, 101],
+                                    "top_logprobs": []}]}]},
         {"id": "ctc_1", "type": "custom_tool_call", "status": "completed", "call_id": "call_c1",
          "name": "apply_patch", "input": "*** Begin Patch\n*** End Patch"},
     ]
@@ -184,7 +201,8 @@ def test_replay_response__sdk_rebuilds_annotations_logprobs_reasoning_text_and_t
     types = [event.type for event in events]
     assert types.count("response.output_text.annotation.added") == 1
     assert ["response.web_search_call.in_progress", "response.web_search_call.searching",
-            "response.web_search_call.completed"] == [t for t in types if t.startswith("response.web_search_call.")]
+            "response.web_search_call.completed"] == [kind for kind in types
+                                                      if kind.startswith("response.web_search_call.")]
     assert "response.reasoning_text.delta" in types and "response.custom_tool_call_input.done" in types
     text_part = next(event.part for event in events if event.type == "response.content_part.added"
                      and event.part.type == "output_text")
@@ -235,7 +253,8 @@ def test_replay_response__follows_the_fake_upstreams_grammar():
     def steps(events):
         kinds = []
         for event in events:
-            key = (event["type"], event.get("output_index"), event.get("content_index"), event.get("summary_index"))
+            key = (event["type"], event.get("output_index"), event.get("content_index"),
+                   event.get("summary_index"))
             if not (kinds and kinds[-1] == key and event["type"].endswith(".delta")):
                 kinds.append(key)
         return kinds
@@ -259,11 +278,12 @@ ITEM_SPECS = st.one_of(
     st.builds(lambda name, arguments: {"type": "function_call", "name": name or "f", "arguments": arguments},
               st.text(max_size=12), ANY_TEXT),
     st.builds(lambda summary: {"type": "reasoning", "summary": summary}, st.lists(ANY_TEXT, max_size=3)),
-    st.builds(lambda x, y: {"type": "computer_call", "action": {"type": "click", "button": "left", "x": x, "y": y}},
+    st.builds(lambda x, y: {"type": "computer_call", "action": {**CLICK, "x": x, "y": y}},
               st.integers(0, 4000), st.integers(0, 4000)),
 )
-RESPONSES = st.builds(lambda specs, number: responses_answer({"model": "m", "input": "go"}, number, scripted=specs),
-                      st.lists(ITEM_SPECS, max_size=5), st.integers(1, 10**6))
+RESPONSES = st.builds(
+    lambda specs, number: responses_answer({"model": "m", "input": "go"}, number, scripted=specs),
+    st.lists(ITEM_SPECS, max_size=5), st.integers(1, 10**6))
 
 
 def test_replay_response__sdk_rebuilds_text_that_looks_like_framing_or_is_not_utf8(sdk):
@@ -475,11 +495,13 @@ def test_storable_reason__a_completed_response_is_storable():
 
 
 def test_usage_figures__reads_responses_usage():
-    assert usage_figures(extra_rich_response()) == UsageFigures(
-        extra_rich_response()["usage"]["input_tokens"], extra_rich_response()["usage"]["output_tokens"], 5, 0.00042)
+    usage = extra_rich_response()["usage"]
+    assert usage_figures(extra_rich_response()) == UsageFigures(usage["input_tokens"], usage["output_tokens"],
+                                                                5, 0.00042)
     assert usage_figures(make_response("text")).cost_usd is None
     assert usage_figures({"usage": None}) == UsageFigures(0, 0, 0, None)
-    assert usage_figures({"usage": {"input_tokens": "9", "output_tokens": -1, "cost": True}}) == UsageFigures(0, 0, 0, None)
+    malformed = {"usage": {"input_tokens": "9", "output_tokens": -1, "cost": True}}
+    assert usage_figures(malformed) == UsageFigures(0, 0, 0, None)
     assert usage_figures([]) == UsageFigures(0, 0, 0, None)
 
 
@@ -499,7 +521,7 @@ def computer_use_request() -> dict:
             {"type": "computer_call", "id": "cu_1", "call_id": "call_1", "action": CLICK,
              "pending_safety_checks": [SAFETY_CHECK], "status": "completed"},
             {"type": "computer_call_output", "call_id": "call_1", "acknowledged_safety_checks": [SAFETY_CHECK],
-             "output": {"type": "computer_screenshot", "image_url": JPEG}},
+             "output": {"type": "computer_screenshot", "image_url": SCREENSHOT}},
             {"type": "function_call", "id": "fc_1", "call_id": "call_2", "name": "read", "arguments": "{}"},
             {"type": "function_call_output", "call_id": "call_2", "output": [
                 {"type": "input_text", "text": "page"}, {"type": "input_image", "image_url": PNG}]},
@@ -523,7 +545,7 @@ def test_inline_images__finds_every_inline_image_in_document_order():
     assert all(slot.encoding == "data_url" and slot.media_type is None for slot in slots)
     for slot in slots:  # the holders are the request's own dicts: replacing the text edits the body
         slot.holder[slot.key] = "sha256:digest"
-    assert PNG not in json.dumps(body) and JPEG not in json.dumps(body)
+    assert PNG not in json.dumps(body) and SCREENSHOT not in json.dumps(body)
 
 
 def test_inline_images__a_request_without_inline_images_has_none():
@@ -567,7 +589,8 @@ def test_responses_answer__echoes_the_input_with_ids_unique_per_call():
     first = responses_answer({"model": "m", "input": [{"role": "user", "content": [
         {"type": "input_text", "text": "click OK"}]}]}, 1)
     second = responses_answer({"model": "m", "input": "click OK"}, 2)
-    assert first["output"][0]["content"][0]["text"] == second["output"][0]["content"][0]["text"] == "echo: click OK"
+    texts = [answer["output"][0]["content"][0]["text"] for answer in (first, second)]
+    assert texts == ["echo: click OK", "echo: click OK"]
     assert first["id"] != second["id"] and first["id"].startswith("resp_")
     assert first["output"][0]["id"] != second["output"][0]["id"]
     assert storable_reason(first) is None
