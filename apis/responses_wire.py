@@ -52,6 +52,14 @@ def validate_responses(body: Mapping[str, Any]) -> None:
         raise InvalidRequest("stream must be a boolean.", param="stream")
 
 
+def bypass_reason(body: Mapping[str, Any]) -> str | None:
+    """Why a request must go upstream uncached, or None. A background request starts a job whose
+    first answer is only "queued": forwarded, never stored, never answered from the store."""
+    if body.get("background") is True:
+        return "background responses are not cached"
+    return None
+
+
 def _input_items(body: Mapping[str, Any]) -> Iterator[dict]:
     items = body.get("input")
     for item in items if isinstance(items, list) else ():

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from apis.responses_wire import (
     ResponsesStreamAssembler,
     UsageFigures,
+    bypass_reason,
     inline_images,
     replay_response,
     storable_reason,
@@ -476,6 +477,12 @@ def test_validate_responses__rejects_with_the_parameter_named(body, param):
     assert raised.value.param == param
     assert raised.value.status == 400
     assert raised.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_bypass_reason__only_background_requests_bypass_the_cache():
+    assert "background" in bypass_reason({"model": "m", "input": "hi", "background": True})
+    assert bypass_reason({"model": "m", "input": "hi", "background": False, "store": False}) is None
+    assert bypass_reason({"model": "m", "input": "hi", "previous_response_id": "resp_1"}) is None
 
 
 @pytest.mark.parametrize("data, reason", [
