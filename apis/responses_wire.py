@@ -300,14 +300,22 @@ def replay_response(response: dict) -> Iterator[bytes]:
 # -- assembling a live stream -------------------------------------------------------------------
 
 
-def _event_end(buffer: bytes, start: int, separators: tuple[bytes, ...]) -> tuple[int, int]:
+_DECODER = json.JSONDecoder()
+_SEPARATORS = (b"\r\n\r\n", b"\n\n", b"\r\r")
+
+
+def _event_end(buffer: bytes, start: int) -> tuple[int, int]:
     """Where the first whole event after ``start`` ends and how long its blank-line separator is."""
-    found = [(index, len(sep)) for sep in separators if (index := buffer.find(sep, start)) >= 0]
+    found = [(index, len(sep)) for sep in _SEPARATORS if (index := buffer.find(sep, start)) >= 0]
     return min(found) if found else (-1, 0)
 
 
 def _fields(event: bytes) -> tuple[str | None, bytes | None]:
     """The ``event:`` name and the joined ``data:`` lines of one event (None when absent)."""
+    head, newline, data_line = event.partition(b"\n")
+    if head.startswith(b"event:") and data_line.startswith(b"data:") and b"\n" not in data_line:
+        # The usual event: a name line and one data line (this runs for every event).
+        return head[6:].strip().decode("utf-8", "replace"), data_line[5:].removeprefix(b" ")
     name = None
     data_lines = []
     for line in event.splitlines():
@@ -338,15 +346,15 @@ class ResponsesStreamAssembler:
 
     def feed(self, data: bytes) -> bytes:
         buffer = self._buffer + data if self._buffer else data
-        # Without a CR only one separator can occur: one search per event, not three over the rest.
-        separators = (b"\n\n",) if b"\r" not in buffer else (b"\r\n\r\n", b"\n\n", b"\r\r")
         start = 0
-        while True:
-            end, length = _event_end(buffer, start, separators)
-            if end < 0:
-                break
-            self._accept(buffer[start:end])
-            start = end + length
+        if b"\r" not in buffer:  # then only one separator can occur: one search per event
+            while (end := buffer.find(b"\n\n", start)) >= 0:
+                self._accept(buffer[start:end])
+                start = end + 2
+        else:
+            while (found := _event_end(buffer, start))[0] >= 0:
+                self._accept(buffer[start:found[0]])
+                start = found[0] + found[1]
         self._buffer = buffer[start:]
         return buffer[:start]
 
@@ -355,8 +363,10 @@ class ResponsesStreamAssembler:
         if data is None or data.strip() == b"[DONE]":
             return  # comments, retry hints, a stray [DONE]
         try:
-            payload = json.loads(data)
-        except ValueError:
+            # What json.loads does with bytes that open an object (UTF-8), minus its detection.
+            utf8 = data[:1] == b"{" and data[1:2] != b"\x00"
+            payload = _DECODER.decode(data.decode("utf-8", "surrogatepass")) if utf8 else json.loads(data)
+        except ValueError:  # UnicodeDecodeError is one
             self.failed = True
             return
         if not isinstance(payload, dict):
