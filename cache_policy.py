@@ -276,6 +276,7 @@ class Decision:
     max_age: int | None = None
     ttl_seconds: int | None = None
     namespace: str | None = None
+    partition: str | None = None
 
     @property
     def bypass(self) -> bool:
@@ -333,4 +334,5 @@ def decide(
         max_age=controls.max_age,
         ttl_seconds=controls.ttl_seconds,
         namespace=controls.namespace,
+        partition=partition,
     )

@@ -20,8 +20,8 @@ from typing import Any, Hashable, Iterable, Iterator
 from flask import Request, Response
 
 from apis import API_LIST, Api
-from cache_policy import Decision, decide, forwarded_json, parse_request_controls, strip_proxy_controls
-from cache_policy import switch_value
+from cache_policy import Decision, canonical_json, decide, forwarded_json, hash_canonical
+from cache_policy import parse_request_controls, strip_proxy_controls, switch_value
 from cache_store import CachedEntry, NewEntry, SQLiteStore, StoreError
 from coalesce import Coalescer
 from config import Settings
@@ -245,11 +245,31 @@ class CompletionProxy:
             if flight is not None:
                 flight.release()
 
-    def forward_uncached(self, api: Api, upstream_path: str, request: Request) -> Response:
+    def retrieve(self, api: Api, item_id: str, request: Request) -> Response:
+        """GET of a stored answer by its id (``Api.retrieval_routes``): from the store within the
+        caller's partition and namespace, else (or when the caller wants it fresh) the upstream's."""
+        controls = parse_request_controls(request.headers)
+        partition, unavailable = self._partition(api, request.headers)
+        wants_fresh = controls.no_cache or switch_value(request.headers.get("X-Cache-Bypass", "0"))
+        key, _ = retrieval_key(api, item_id, partition, controls.namespace)
+        if not (unavailable or wants_fresh or request.query_string):
+            entry = self._lookup(key, controls.max_age)
+            if entry is not None:
+                hit = self._answer_hit(api, entry, Outcome("HIT", key), False, None)
+                if hit is not None:
+                    self.observer.request_model(hit.model)
+                    return hit.response()
+        path = api.retrieval_path(item_id)
+        if request.query_string:
+            path += "?" + request.query_string.decode("latin-1")
+        return self.forward_uncached(api, path, request, reason="not a stored answer")
+
+    def forward_uncached(self, api: Api, upstream_path: str, request: Request,
+                         reason: str = "this route is not cached") -> Response:
         """A request of the API that is never cached, passed to its upstream as sent."""
         reply = self.upstream.request(request.method, upstream_path, request.headers,
                                       request.get_data(), self.setups[api.mode].target)
-        outcome = Outcome("BYPASS", None, reason="this route is not cached")
+        outcome = Outcome("BYPASS", None, reason=reason)
         return self._relay(reply.body, reply.status, relayable_headers(reply.headers), outcome)
 
     def fingerprint(self, api: Api, body: bytes,
@@ -283,16 +303,19 @@ class CompletionProxy:
             return None
         return self._answer_hit(api, entry, Outcome("HIT", known.key), known.stream, known.variant)
 
+    def _partition(self, api: Api, headers) -> tuple[str | None, str | None]:
+        """(this client's partition of the API's cache, or None; why the cache is unusable, or None)."""
+        if not self.setups[api.mode].partitioned:
+            return None, None
+        try:
+            return self.partitions.partition_for_token(api.client_key(headers)), None
+        except KeySecretError as exc:
+            return None, str(exc)
+
     def _decide(self, api: Api, body: dict, request: Request) -> Decision:
         """``decide`` for this client's partition of the cache; a BYPASS, with the reason, while
-        the database or the partition secret cannot be used."""
-        unavailable = None
-        partition = None
-        if self.setups[api.mode].partitioned:
-            try:
-                partition = self.partitions.partition_for_token(api.client_key(request.headers))
-            except KeySecretError as exc:
-                unavailable = str(exc)
+        the database or the partition secret cannot be used, or when the API says so."""
+        partition, unavailable = self._partition(api, request.headers)
         decision = decide(
             self.settings, api.mode, body,
             bypass_header=switch_value(request.headers.get("X-Cache-Bypass", "0")),
@@ -302,6 +325,9 @@ class CompletionProxy:
         )
         if decision.bypass:
             return decision
+        api_reason = api.bypass_reason(body)
+        if api_reason:
+            return replace(decision, read=False, write=False, reason=api_reason)
         unavailable = unavailable or self.store.unavailable_reason()
         if unavailable:
             return replace(decision, read=False, write=False, reason=f"cache unavailable: {unavailable}")
@@ -408,11 +434,19 @@ class CompletionProxy:
         if len(text) > self.settings.cache_max_response_chars:
             return "skipped: response is too large for cache"
         request_json = decision.canonical[:-1] + f',"cache_key":"{decision.key}"}}'
+        model = str(body.get("model"))
         try:
             figures = self.observer.entry_figures(api.usage_figures(data), body.get("model"))
-            return self.store.put(NewEntry(decision.key, api.mode, str(body.get("model")),
-                                           _storable(request_json), _storable(text), **figures),
-                                  ttl_seconds=decision.ttl_seconds, namespace=decision.namespace)
+            outcome = self.store.put(NewEntry(decision.key, api.mode, model, _storable(request_json),
+                                              _storable(text), **figures),
+                                     ttl_seconds=decision.ttl_seconds, namespace=decision.namespace)
+            for item_id in api.retrieval_ids(data):
+                # The same answer under its id, in the same partition and namespace: a
+                # retrieval saves no tokens, so it carries no figures.
+                key, canonical = retrieval_key(api, item_id, decision.partition, decision.namespace)
+                self.store.put(NewEntry(key, api.mode, model, canonical, _storable(text)),
+                               ttl_seconds=decision.ttl_seconds, namespace=decision.namespace)
+            return outcome
         except StoreError as exc:
             log.warning("cache write failed: %s", exc)
             return f"skipped: cache write failed: {exc}"
@@ -533,6 +567,14 @@ class CompletionProxy:
             text = json.dumps(completion)
         outcome = self._store(api, body, decision, completion, text)
         log.info("stream %s store: %s", decision.key[:12], outcome)
+
+
+def retrieval_key(api: Api, item_id: str, partition: str | None,
+                  namespace: str | None) -> tuple[str, str]:
+    """(key, canonical text) of a stored answer's retrieval entry. Its mode ("<mode>.retrieve")
+    is no request body's, so no request can reach it, nor it a request's entry."""
+    canonical = canonical_json({"id": item_id, "mode": f"{api.mode}.retrieve"})
+    return hash_canonical(canonical, partition, namespace), canonical
 
 
 def with_metadata(completion: dict, outcome: Outcome) -> bytes:

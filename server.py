@@ -90,6 +90,8 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
         view = api_view(proxy, api)
         for route in api.routes:
             app.add_url_rule(route, f"{api.mode}:{route}", view, methods=["POST"])
+        for route in api.retrieval_routes:
+            app.add_url_rule(route, f"retrieve:{route}", retrieve_view(proxy, api), methods=["GET"])
         for route, upstream_path in api.forwarded_routes.items():
             app.add_url_rule(route, f"forward:{route}", forward_view(proxy, api, upstream_path),
                              methods=["POST"])
@@ -155,6 +157,11 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
 def api_view(proxy: CompletionProxy, api: Api):
     """The view of one API's routes: the proxy's cache flow for that API."""
     return lambda: proxy.handle(api, request)
+
+
+def retrieve_view(proxy: CompletionProxy, api: Api):
+    """The view of an API's retrieval routes: a stored answer by its id, else the upstream's."""
+    return lambda item_id: proxy.retrieve(api, item_id, request)
 
 
 def forward_view(proxy: CompletionProxy, api: Api, upstream_path: str):

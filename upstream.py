@@ -254,7 +254,9 @@ class UpstreamClient:
         if url is None:
             prepared = requests.PreparedRequest()
             prepared.prepare_url(base_url + path, None)
-            url = self._urls[(base_url, path)] = prepared.url  # type: ignore[assignment]
+            url = prepared.url  # type: ignore[assignment]
+            if len(self._urls) < 64:  # the fixed routes; paths with ids are not kept
+                self._urls[(base_url, path)] = url
         return url
 
     def _prepared(self, method: str, path: str, client_headers: Mapping[str, str],

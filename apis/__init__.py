@@ -9,8 +9,9 @@ from apis.chat import CHAT
 from apis.completions import COMPLETION
 from apis.embeddings import EMBEDDINGS
 from apis.messages import MESSAGES
+from apis.responses import RESPONSES
 
-API_LIST: tuple[Api, ...] = (CHAT, COMPLETION, MESSAGES, EMBEDDINGS)
+API_LIST: tuple[Api, ...] = (CHAT, COMPLETION, MESSAGES, RESPONSES, EMBEDDINGS)
 API_BY_MODE = {api.mode: api for api in API_LIST}
 
 __all__ = ["Api", "API_LIST", "API_BY_MODE"]

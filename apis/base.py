@@ -57,6 +57,8 @@ class Api:
     usage_option: str | None = None
     # Other POST routes of the API, forwarded uncached: {proxy route: upstream path}.
     forwarded_routes: Mapping[str, str] = {}
+    # GET routes (with an ``<item_id>``) answered from the store by ids of stored answers.
+    retrieval_routes: tuple[str, ...] = ()
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -67,6 +69,10 @@ class Api:
 
     def wants_stream(self, body: Mapping[str, Any]) -> bool:
         return self.streams and body.get("stream") is True
+
+    def bypass_reason(self, body: Mapping[str, Any]) -> str | None:
+        """Why a request of this API is forwarded and never cached, beyond the usual reasons."""
+        return None
 
     def replay_variant(self, body: Mapping[str, Any]) -> Hashable:
         """What besides the stored answer shapes its replayed stream (chat: include_usage)."""
@@ -123,6 +129,14 @@ class Api:
             "completion_tokens": int(whole_number(usage.get("completion_tokens"))),
             "cost_usd": float(whole_number(cost)) if cost is not None else None,
         }
+
+    def retrieval_ids(self, answer: Any) -> tuple[str, ...]:
+        """Ids a stored answer can be fetched again by (``retrieval_routes``)."""
+        return ()
+
+    def retrieval_path(self, item_id: str) -> str:
+        """The upstream path of a retrieval the store cannot answer."""
+        raise NotImplementedError
 
     # -- streams --------------------------------------------------------------------------------
 

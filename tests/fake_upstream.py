@@ -1,4 +1,4 @@
-"""A real OpenAI- and Anthropic-compatible HTTP server that plays "the upstream" for tests and benchmarks.
+"""A real OpenAI- (chat, completions, Responses, embeddings) and Anthropic-compatible HTTP server that plays "the upstream" for tests and benchmarks.
 
 The proxy under test talks to it over real sockets, so everything that matters for a
 caching proxy is exercised for real: keep-alive, chunked SSE framing, slow upstreams,
@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
+
+from fake_responses import responses_answer, responses_events
 
 DEFAULT_MODEL = "test/model-a"
 BASE_CREATED = 1700000000
@@ -786,6 +788,7 @@ class FakeUpstream:
         self.default_delay = default_delay
         self.requests: list[RecordedRequest] = []
         self.disconnects: list[str] = []
+        self.responses_by_id: dict[str, dict] = {}  # Responses answered, for GET /responses/{id}
         self._replies: deque[Reply] = deque()
         self._changed = threading.Condition()
         self._call_count = 0
@@ -908,6 +911,8 @@ class FakeUpstream:
             return json_reply(MODELS_LIST, delay=0.0)
         if record.method == "POST" and route == "/embeddings" and isinstance(record.json, dict):
             return json_reply(embeddings_answer(record.json))
+        if route == "/responses" or route.startswith("/responses/"):
+            return self._responses_reply(route, record)
         if record.method == "POST" and route in ("/messages", "/messages/count_tokens"):
             return self._anthropic_reply(route, record)
         if record.method != "POST" or route not in ("/chat/completions", "/completions"):
@@ -936,6 +941,22 @@ class FakeUpstream:
         include_usage = (request.get("stream_options") or {}).get("include_usage") is True
         return sse_reply(split(completion, include_usage=include_usage))
 
+
+    def _responses_reply(self, route: str, record: RecordedRequest) -> Reply:
+        """Responses (tests/fake_responses.py builds them), and GET of one it answered by its id."""
+        if record.method == "GET":
+            answer = self.responses_by_id.get(route.removeprefix("/responses/"))
+            if answer is None:
+                return error_reply(404, "No response with that id.", "invalid_request_error", delay=0.0)
+            return json_reply(answer, delay=0.0)
+        request = record.json
+        if record.method != "POST" or route != "/responses" or not isinstance(request, dict):
+            return error_reply(400, "Not a Responses request.", "invalid_request_error", delay=0.0)
+        answer = responses_answer(request, self._next_call_number())
+        self.responses_by_id[answer["id"]] = answer
+        if not request.get("stream"):
+            return json_reply(answer)
+        return sse_reply(responses_events(answer), done=False)
 
     def _anthropic_reply(self, route: str, record: RecordedRequest) -> Reply:
         """Messages and token counting, as Anthropic answers them (its error shape included)."""
