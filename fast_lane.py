@@ -63,7 +63,7 @@ class KnownHitLane:
         start_response("200 OK", headers + self.cors_headers)
         route, key = environ["PATH_INFO"], reply.headers.get("X-Computer-Use-Cache-Key")
         seconds = time.perf_counter() - started
-        self.monitor.count_response(route, "HIT", key, False, seconds, model_label(reply.model))
+        self.monitor.count_response(route, "HIT", key, False, seconds, model_label(reply.model), api.mode)
         self.access_log.write("POST", route, 200, "HIT", key, None, seconds)
         return [reply.body]
 

@@ -444,7 +444,8 @@ class CompletionProxy:
                 # The same answer under its id, in the same partition and namespace: a
                 # retrieval saves no tokens, so it carries no figures.
                 key, canonical = retrieval_key(api, item_id, decision.partition, decision.namespace)
-                self.store.put(NewEntry(key, api.mode, model, canonical, _storable(text)),
+                retrieval_json = canonical[:-1] + f',"cache_key":"{key}"}}'
+                self.store.put(NewEntry(key, api.mode, model, _storable(retrieval_json), _storable(text)),
                                ttl_seconds=decision.ttl_seconds, namespace=decision.namespace)
             return outcome
         except StoreError as exc:

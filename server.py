@@ -330,7 +330,8 @@ def register_http_behaviour(app: Flask, settings: Settings, monitor: Monitor,
             started = time.perf_counter()
         elif cache is not None and rule is not None and rule.endpoint.startswith(API_ENDPOINTS):
             monitor.count_response(route, cache, key, COALESCED_HEADER in headers,
-                                   time.perf_counter() - started, monitor.current_model())
+                                   time.perf_counter() - started, monitor.current_model(),
+                                   rule.endpoint.split(":", 1)[0])
         method, status = request.method, response.status_code
 
         def write_line() -> None:

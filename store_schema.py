@@ -185,9 +185,63 @@ def _m004_bounded_store(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS idx_completions_namespace ON completions(namespace)")
 
 
+def _m005_api_stats(db: sqlite3.Connection) -> None:
+    """Figures per API (an entry's ``mode``), kept like the per-model ones, and entries whose
+    cost the price table could not give (``unpriced``), whose hits are counted apart.
+
+    Hits served before this migration are credited to their API once, from the live entries.
+    """
+    columns = {row[1] for row in db.execute("PRAGMA table_info(completions)")}
+    if "unpriced" not in columns:
+        db.execute("ALTER TABLE completions ADD COLUMN unpriced INTEGER NOT NULL DEFAULT 0")
+    db.execute("INSERT OR IGNORE INTO cache_counters(name, value) VALUES ('unpriced_hits', 0)")
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS api_stats (
+            api TEXT PRIMARY KEY,
+            hits INTEGER NOT NULL DEFAULT 0,
+            misses INTEGER NOT NULL DEFAULT 0,
+            bypasses INTEGER NOT NULL DEFAULT 0,
+            coalesced INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens_saved INTEGER NOT NULL DEFAULT 0,
+            completion_tokens_saved INTEGER NOT NULL DEFAULT 0,
+            cost_saved_usd REAL NOT NULL DEFAULT 0,
+            time_saved_seconds REAL NOT NULL DEFAULT 0,
+            unpriced_hits INTEGER NOT NULL DEFAULT 0
+        )"""
+    )
+    db.execute(
+        """INSERT OR IGNORE INTO api_stats(api, hits, prompt_tokens_saved, completion_tokens_saved,
+                                          cost_saved_usd, time_saved_seconds)
+           SELECT mode, sum(hits), sum(hits * prompt_tokens), sum(hits * completion_tokens),
+                  sum(hits * cost_usd), sum(hits * upstream_seconds)
+           FROM completions GROUP BY mode"""
+    )
+    db.execute(
+        """CREATE TRIGGER IF NOT EXISTS completions_api_savings AFTER UPDATE OF hits ON completions
+        WHEN NEW.hits > OLD.hits BEGIN
+            UPDATE cache_counters SET value = value + (NEW.hits - OLD.hits) * NEW.unpriced
+                WHERE name = 'unpriced_hits';
+            INSERT INTO api_stats(api, hits, prompt_tokens_saved, completion_tokens_saved,
+                                  cost_saved_usd, time_saved_seconds, unpriced_hits)
+            VALUES (NEW.mode, NEW.hits - OLD.hits, (NEW.hits - OLD.hits) * NEW.prompt_tokens,
+                    (NEW.hits - OLD.hits) * NEW.completion_tokens,
+                    (NEW.hits - OLD.hits) * NEW.cost_usd, (NEW.hits - OLD.hits) * NEW.upstream_seconds,
+                    (NEW.hits - OLD.hits) * NEW.unpriced)
+            ON CONFLICT(api) DO UPDATE SET
+                hits = hits + excluded.hits,
+                prompt_tokens_saved = prompt_tokens_saved + excluded.prompt_tokens_saved,
+                completion_tokens_saved = completion_tokens_saved + excluded.completion_tokens_saved,
+                cost_saved_usd = cost_saved_usd + excluded.cost_saved_usd,
+                time_saved_seconds = time_saved_seconds + excluded.time_saved_seconds,
+                unpriced_hits = unpriced_hits + excluded.unpriced_hits;
+        END"""
+    )
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], ...] = (
     (1, "initial", _m001_initial),
     (2, "counters", _m002_counters),
     (3, "stats", _m003_stats),
     (4, "bounded_store", _m004_bounded_store),
+    (5, "api_stats", _m005_api_stats),
 )

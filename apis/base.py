@@ -118,15 +118,20 @@ class Api:
         return None
 
     def usage_figures(self, answer: Any) -> dict[str, Any]:
-        """What one hit on this answer saves: prompt and completion tokens, and ``cost`` (USD)
-        when the upstream says it (OpenRouter's ``usage.cost``), else None."""
+        """What one hit on this answer saves: prompt tokens (cached ones included, and also
+        counted in ``cache_read_tokens`` / ``cache_write_tokens`` for pricing), completion
+        tokens, and ``cost_usd`` when the upstream says it (OpenRouter's ``usage.cost``), else
+        None (then ``pricing`` prices the tokens)."""
         usage = answer.get("usage") if isinstance(answer, dict) else None
         if not isinstance(usage, dict):
             usage = {}
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
         cost = usage.get("cost")
         return {
             "prompt_tokens": int(whole_number(usage.get("prompt_tokens"))),
             "completion_tokens": int(whole_number(usage.get("completion_tokens"))),
+            "cache_read_tokens": int(whole_number(cached)),
             "cost_usd": float(whole_number(cost)) if cost is not None else None,
         }
 

@@ -327,6 +327,8 @@ class MessagesApi(Api):
                      ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
         cost = usage.get("cost")
         return {"prompt_tokens": int(prompt), "completion_tokens": int(whole_number(usage.get("output_tokens"))),
+                "cache_read_tokens": int(whole_number(usage.get("cache_read_input_tokens"))),
+                "cache_write_tokens": int(whole_number(usage.get("cache_creation_input_tokens"))),
                 "cost_usd": float(whole_number(cost)) if cost is not None else None}
 
     def replay(self, answer: dict, variant: Hashable) -> Iterator[bytes]:

@@ -41,7 +41,7 @@ class ResponsesApi(Api):
     def usage_figures(self, answer: Any) -> dict[str, Any]:
         figures = wire.usage_figures(answer)
         return {"prompt_tokens": figures.input_tokens, "completion_tokens": figures.output_tokens,
-                "cost_usd": figures.cost_usd}
+                "cache_read_tokens": figures.cached_input_tokens, "cost_usd": figures.cost_usd}
 
     def retrieval_ids(self, answer: Any) -> tuple[str, ...]:
         response_id = answer.get("id") if isinstance(answer, dict) else None
