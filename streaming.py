@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterator
+from typing import Any, Callable
 
 DONE_EVENT = b"data: [DONE]\n\n"
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -281,6 +281,28 @@ class SseCapture:
     def error_event(self, message: str, code: str) -> bytes:
         raise NotImplementedError
 
+    def json_payload(self, data: bytes, is_error: Callable[[dict], bool]) -> dict | None:
+        """The event's JSON object, or None once the stream is marked failed: data that is not a
+        JSON object, or an error event (then the client has been sent an error already)."""
+        try:
+            payload = decode_event_json(data)
+        except ValueError:
+            self.failed = True
+            return None
+        if not isinstance(payload, dict) or is_error(payload):
+            self.failed = True
+            self.error_relayed = self.error_relayed or isinstance(payload, dict)
+            return None
+        return payload
+
+    def assemble(self, add: Callable[[dict], None], payload: dict) -> None:
+        """Fold one payload into the answer; one that does not fit makes the stream unstorable
+        (it is still relayed as it came)."""
+        try:
+            add(payload)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError):
+            self.failed = True
+
     def completion(self) -> dict | None:
         """The assembled answer, only if the stream was whole and clean."""
         raise NotImplementedError
@@ -332,19 +354,10 @@ class StreamCapture(SseCapture):
             self.done = True
             return True
         utf8 = data[:1] == b"{" and data[1:2] != b"\x00"
-        try:
-            chunk = decode_event_json(data)
-        except ValueError:
-            self.failed = True
+        chunk = self.json_payload(data, lambda payload: payload.get("error") is not None)
+        if chunk is None:
             return True
-        if not isinstance(chunk, dict) or chunk.get("error") is not None:
-            self.failed = True
-            self.error_relayed = self.error_relayed or isinstance(chunk, dict)
-            return True
-        try:
-            self.assembler.add(chunk)
-        except (AttributeError, TypeError, ValueError, KeyError, IndexError):
-            self.failed = True  # relayed as it came, never stored
+        self.assemble(self.assembler.add, chunk)
         if self.drop_usage_chunk and "usage" in chunk:
             if chunk.get("choices") == []:
                 return None

@@ -29,6 +29,26 @@ def require_stream_flag(body: Mapping[str, Any]) -> None:
         raise InvalidRequest("stream must be a boolean.", param="stream")
 
 
+def require_objects(body: Mapping[str, Any], name: str, item_name: str) -> None:
+    """body[name] is a non-empty array of objects (``item_name`` formats an item's position)."""
+    items = body.get(name)
+    if not isinstance(items, list) or not items:
+        raise InvalidRequest(f"{name} must be a non-empty array.", param=name)
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            where = item_name.format(index)
+            raise InvalidRequest(f"{where} must be an object.", param=where)
+
+
+def require_text_or_list(body: Mapping[str, Any], name: str) -> None:
+    """body[name] is a non-empty string or array (a prompt, an input)."""
+    value = body.get(name)
+    if value is None or value == "" or value == []:
+        raise InvalidRequest(f"{name} is required.", param=name)
+    if not isinstance(value, (str, list)):
+        raise InvalidRequest(f"{name} must be a string or an array.", param=name)
+
+
 def whole_number(value: Any) -> float:
     """A usage figure as a non-negative number; anything else (missing, text, bool) is 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Hashable, Iterator, Mapping
 
-from apis.base import Api, require_model, require_stream_flag
+from apis.base import Api, require_model, require_objects, require_stream_flag
 from errors import InvalidRequest
 from images import IdSlot, ImageSlot
 from streaming import (DONE_EVENT, ChoicesAssembler, ChunkFrame, StreamCapture, choice_extras, merge_piece,
@@ -217,15 +217,6 @@ class ChatAssembler(ChoicesAssembler):
             merge_piece(calls[index], {k: v for k, v in delta.items() if k != "index"})
 
 
-def validate_chat(body: Mapping[str, Any]) -> None:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("messages must be a non-empty array.", param="messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidRequest(f"messages[{index}] must be an object.", param=f"messages[{index}]")
-
-
 def chat_images(body: Mapping[str, Any]) -> Iterator[ImageSlot]:
     """``messages[].content[]`` parts ``{"type": "image_url", "image_url": {"url": "data:..."}}``
     (or the bare-string form ``"image_url": "data:..."``)."""
@@ -269,7 +260,7 @@ class ChatApi(ChoicesApi):
     chunk_assembler = ChatAssembler
 
     def validate_input(self, body: Mapping[str, Any]) -> None:
-        validate_chat(body)
+        require_objects(body, "messages", "messages[{}]")
 
     def inline_images(self, body: Mapping[str, Any]) -> Iterator[ImageSlot]:
         return chat_images(body)

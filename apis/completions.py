@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Hashable, Iterator, Mapping
 
+from apis.base import require_text_or_list
 from apis.chat import ChoicesApi, requested_n
-from errors import InvalidRequest
 from streaming import DONE_EVENT, ChoicesAssembler, ChunkFrame, choice_extras, sorted_choices, split_text
 
 
@@ -47,7 +47,6 @@ class TextCompletionAssembler(ChoicesAssembler):
         self._add_choice_fields(choice, piece)
 
 
-
 class CompletionApi(ChoicesApi):
     mode = "completion"
     routes = ("/v1/completions", "/completions", "/api/v1/completions")
@@ -55,11 +54,7 @@ class CompletionApi(ChoicesApi):
     chunk_assembler = TextCompletionAssembler
 
     def validate_input(self, body: Mapping[str, Any]) -> None:
-        prompt = body.get("prompt")
-        if prompt is None or prompt == "" or prompt == []:
-            raise InvalidRequest("prompt is required.", param="prompt")
-        if not isinstance(prompt, (str, list)):
-            raise InvalidRequest("prompt must be a string or an array.", param="prompt")
+        require_text_or_list(body, "prompt")
 
     def expected_choice_count(self, body: Mapping[str, Any]) -> int | None:
         """``n`` per prompt: a list of prompts (strings or token arrays) answers each."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from apis.base import Api, require_model, whole_number
+from apis.base import Api, require_model, require_text_or_list, whole_number
 from errors import InvalidRequest
 
 ENCODING_FORMATS = ("float", "base64")
@@ -22,11 +22,7 @@ class EmbeddingsApi(Api):
 
     def validate(self, body: Mapping[str, Any]) -> None:
         require_model(body)
-        text = body.get("input")
-        if text is None or text == "" or text == []:
-            raise InvalidRequest("input is required.", param="input")
-        if not isinstance(text, (str, list)):
-            raise InvalidRequest("input must be a string or an array.", param="input")
+        require_text_or_list(body, "input")
         encoding = body.get("encoding_format")
         if encoding is not None and encoding not in ENCODING_FORMATS:
             raise InvalidRequest("encoding_format must be 'float' or 'base64'.", param="encoding_format")

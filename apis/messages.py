@@ -17,11 +17,11 @@ import json
 from typing import Any, Hashable, Iterator, Mapping
 from urllib.parse import urlsplit
 
-from apis.base import Api, require_model, require_stream_flag, whole_number
+from apis.base import Api, require_model, require_objects, require_stream_flag, whole_number
 from config import Settings
-from errors import ApiError, InvalidRequest
+from errors import ApiError
 from images import IdSlot, ImageSlot
-from streaming import SseCapture, decode_event_json, event_data, json_bytes, split_text
+from streaming import SseCapture, event_data, json_bytes, split_text
 from upstream import UpstreamTarget, bearer_token
 
 # Error types of Anthropic's error objects, by HTTP status (the SDK picks its class by status).
@@ -185,19 +185,10 @@ class MessageCapture(SseCapture):
         data, _ = event_data(event)
         if data is None:
             return True  # comments, retry hints
-        try:
-            payload = decode_event_json(data)
-        except ValueError:
-            self.failed = True
+        payload = self.json_payload(data, lambda payload: payload.get("type") == "error" or "error" in payload)
+        if payload is None:
             return True
-        if not isinstance(payload, dict) or payload.get("type") == "error" or "error" in payload:
-            self.failed = True
-            self.error_relayed = self.error_relayed or isinstance(payload, dict)
-            return True
-        try:
-            self.assembler.add(payload)
-        except (AttributeError, TypeError, ValueError, KeyError, IndexError):
-            self.failed = True  # relayed as it came, never stored
+        self.assemble(self.assembler.add, payload)
         if payload.get("type") == "message_stop":
             self.done = True
         return True
@@ -270,12 +261,7 @@ class MessagesApi(Api):
 
     def validate(self, body: Mapping[str, Any]) -> None:
         require_model(body)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("messages must be a non-empty array.", param="messages")
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise InvalidRequest(f"messages.{index} must be an object.", param=f"messages.{index}")
+        require_objects(body, "messages", "messages.{}")  # Anthropic names items with dots
         require_stream_flag(body)
 
     def key_extra(self, body: Mapping[str, Any], headers: Mapping[str, str]) -> dict | None:

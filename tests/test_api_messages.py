@@ -8,7 +8,6 @@ import re
 
 import anthropic
 import pytest
-import requests
 
 from apis.messages import MESSAGES, MessageAssembler, replay_message
 from fake_upstream import (FakeUpstream, anthropic_error_reply, anthropic_message, anthropic_sse_reply,
