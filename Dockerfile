@@ -14,6 +14,7 @@ RUN pip install --no-cache-dir -r requirements.txt \
     && chown cache:cache /data
 
 COPY *.py ./
+COPY apis/ ./apis/
 
 USER 10001
 VOLUME ["/data"]
