@@ -189,7 +189,7 @@ def _m005_api_stats(db: sqlite3.Connection) -> None:
     """Figures per API (an entry's ``mode``), kept like the per-model ones, and entries whose
     cost the price table could not give (``unpriced``), whose hits are counted apart.
 
-    Hits served before this migration are credited to their API once, from the live entries.
+    They count from this migration on (the totals and the per-model rows keep their history).
     """
     columns = {row[1] for row in db.execute("PRAGMA table_info(completions)")}
     if "unpriced" not in columns:
@@ -208,13 +208,6 @@ def _m005_api_stats(db: sqlite3.Connection) -> None:
             time_saved_seconds REAL NOT NULL DEFAULT 0,
             unpriced_hits INTEGER NOT NULL DEFAULT 0
         )"""
-    )
-    db.execute(
-        """INSERT OR IGNORE INTO api_stats(api, hits, prompt_tokens_saved, completion_tokens_saved,
-                                          cost_saved_usd, time_saved_seconds)
-           SELECT mode, sum(hits), sum(hits * prompt_tokens), sum(hits * completion_tokens),
-                  sum(hits * cost_usd), sum(hits * upstream_seconds)
-           FROM completions GROUP BY mode"""
     )
     db.execute(
         """CREATE TRIGGER IF NOT EXISTS completions_api_savings AFTER UPDATE OF hits ON completions

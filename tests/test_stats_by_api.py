@@ -120,3 +120,26 @@ def test_cli_import__accepts_every_apis_entries(proxy, fake_upstream, tmp_path):
     imported = runner.invoke(args=["cache", "import", str(tmp_path / "dump.jsonl")])
     assert imported.exit_code == 0, imported.output
     assert proxy.store.entry_count() == 5
+
+
+def test_stats__a_database_from_before_apis_gets_per_api_figures_from_then_on(tmp_path):
+    import sqlite3
+
+    import store_schema
+    from cache_store import SQLiteStore
+    path = str(tmp_path / "v4.sqlite3")
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                   "applied_at REAL NOT NULL)")
+        for version, name, migrate in store_schema.MIGRATIONS[:4]:  # the schema before this issue
+            migrate(db)
+            db.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)", (version, name))
+        db.execute("INSERT INTO completions(cache_key, mode, model, request_json, response_json, created_at, "
+                   "updated_at, hits, prompt_tokens, completion_tokens, cost_usd) "
+                   "VALUES ('k', 'chat', 'm', '{}', '{}', 1, 1, 5, 9, 4, 0.25)")
+    store = SQLiteStore(path, hit_flush_seconds=0)
+    store.record_hit("k")
+    stats = store.stats()
+    assert stats["by_api"]["chat"]["hits"] == 1 and stats["by_api"]["chat"]["cost_saved_usd"] == 0.25
+    assert stats["unpriced_hits"] == 0
+    store.close()
