@@ -342,3 +342,48 @@ def test_settings__anthropic_key_falls_back_and_auth_style_is_checked():
     with pytest.raises(SettingsError, match="ANTHROPIC_UPSTREAM_API_KEY"):
         load_settings({"PROXY_API_KEYS": "p", "UPSTREAM_API_KEY": "u",
                        "ANTHROPIC_UPSTREAM_BASE_URL": "https://api.anthropic.com/v1"})
+
+
+def test_messages__a_computer_use_loop_replays_from_the_cache(start_proxy, fake_upstream):
+    """Claude's computer-use loop through the beta client: a screenshot action, then the screenshot
+    as a base64 PNG in a tool_result. Run again (a new session id), every step is a HIT and the
+    tool ids the cache hands out chain the same way."""
+    from test_responses_wire import png_data_url
+
+    screenshot = png_data_url(64, 48, (32, 64, 128)).split(",", 1)[1]
+    proxy = start_proxy()
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="sk-ant-client", max_retries=0)
+    tools = [{"type": "computer_20250124", "name": "computer", "display_width_px": 1024,
+              "display_height_px": 768}]
+
+    def run(session: str) -> tuple[list[str], list]:
+        statuses, answers = [], []
+        messages = [{"role": "user", "content": "Open the settings page."}]
+        for _ in range(2):
+            raw = client.beta.messages.with_raw_response.create(
+                model=MODEL, max_tokens=512, tools=tools, messages=messages, betas=["computer-use-2025-01-24"],
+                metadata={"user_id": session})
+            message = raw.parse()
+            statuses.append(raw.headers[STATUS])
+            answers.append(message.model_dump(mode="json", exclude_none=True))
+            calls = [block for block in message.content if block.type == "tool_use"]
+            if not calls:
+                break
+            messages += [{"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in message.content]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": calls[0].id, "content": [
+                             {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                          "data": screenshot}}]}]}]
+        return statuses, answers
+
+    fake_upstream.enqueue(
+        json_reply(anthropic_message([{"type": "tool_use", "id": "toolu_shot", "name": "computer",
+                                       "input": {"action": "screenshot"}}], id="msg_1")),
+        json_reply(anthropic_message("The settings page is open.", id="msg_2")))
+    first_statuses, first_answers = run("session-a")
+    second_statuses, second_answers = run("session-b")
+    assert first_statuses == ["MISS", "MISS"] and second_statuses == ["HIT", "HIT"]
+    assert second_answers == first_answers
+    calls = fake_upstream.calls("/messages")
+    assert len(calls) == 2
+    assert calls[0].headers["anthropic-beta"] == "computer-use-2025-01-24"
+    assert calls[1].json["messages"][2]["content"][0]["content"][0]["source"]["data"] == screenshot

@@ -150,3 +150,40 @@ def test_responses__proxy_made_errors_are_openai_errors(openai_client, fake_upst
         openai_client.responses.create(model=MODEL, input=[1, 2])
     assert caught.value.body["param"] == "input[0]"
     assert fake_upstream.calls("/responses") == []
+
+
+def test_responses__a_computer_use_loop_chained_by_ids_replays_from_the_cache(openai_client, fake_upstream):
+    """OpenAI's computer-use loop: a computer_call, then its computer_call_output (a PNG screenshot)
+    chained with previous_response_id. Run again, every step is a HIT: the ids the cache handed out
+    are the ones the second run chains on."""
+    from test_responses_wire import png_data_url
+
+    screenshot = png_data_url(64, 48, (32, 64, 128))
+
+    def run() -> tuple[list[str], list[dict]]:
+        statuses, answers = [], []
+        first, headers = create(openai_client)
+        statuses.append(headers[STATUS])
+        answers.append(dump(first))
+        call = next(item for item in first.output if item.type == "computer_call")
+        output = [{"type": "computer_call_output", "call_id": call.call_id,
+                   "output": {"type": "computer_screenshot", "image_url": screenshot}}]
+        second, headers = create(openai_client, previous_response_id=first.id, input=output)
+        statuses.append(headers[STATUS])
+        answers.append(dump(second))
+        return statuses, answers
+
+    fake_upstream.enqueue(json_reply(answer("computer_call", 901)),
+                          json_reply(responses_answer(REQUEST, 902, SCRIPTS["text"])))
+    first_statuses, first_answers = run()
+    second_statuses, second_answers = run()
+    assert (first_statuses, second_statuses) == (["MISS", "MISS"], ["HIT", "HIT"])
+    assert second_answers == first_answers
+    assert len(fake_upstream.calls("/responses")) == 2
+
+
+def test_responses__retrieve_stays_within_the_namespace(openai_client, fake_upstream):
+    created, _ = create(openai_client, extra_headers={"X-Cache-Namespace": "run-1"})
+    inside = openai_client.responses.with_raw_response.retrieve(created.id, extra_headers={"X-Cache-Namespace": "run-1"})
+    outside = openai_client.responses.with_raw_response.retrieve(created.id)
+    assert (inside.headers[STATUS], outside.headers[STATUS]) == ("HIT", "BYPASS")
