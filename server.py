@@ -49,7 +49,9 @@ MODEL_ROUTES = ("/v1/models", "/models", "/api/v1/models")
 ROOT_ENDPOINTS = ["/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/models",
                   "/cache/stats"]
 CORS_ALLOW_HEADERS = ("Authorization, Content-Type, X-Cache-Bypass, X-Cache-Admin-Token, "
-                      "Cache-Control, X-Cache-TTL, X-Cache-Namespace")
+                      "Cache-Control, X-Cache-TTL, X-Cache-Namespace, "
+                      # What Anthropic's browser clients send.
+                      "X-Api-Key, Anthropic-Version, Anthropic-Beta, Anthropic-Dangerous-Direct-Browser-Access")
 CORS_EXPOSE_HEADERS = ", ".join(
     f"{prefix}{suffix}"
     for prefix in ("X-Computer-Use-Cache", "X-Code-Model-Cache")

@@ -387,3 +387,12 @@ def test_messages__a_computer_use_loop_replays_from_the_cache(start_proxy, fake_
     assert len(calls) == 2
     assert calls[0].headers["anthropic-beta"] == "computer-use-2025-01-24"
     assert calls[1].json["messages"][2]["content"][0]["content"][0]["source"]["data"] == screenshot
+
+
+def test_messages__browsers_may_send_anthropics_headers(http, proxy):
+    response = http.options(proxy.url + "/v1/messages", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "x-api-key, anthropic-version, anthropic-beta"})
+    allowed = {name.strip().lower() for name in response.headers["Access-Control-Allow-Headers"].split(",")}
+    assert response.status_code == 204
+    assert {"x-api-key", "anthropic-version", "anthropic-beta"} <= allowed
