@@ -308,7 +308,7 @@ class CompletionProxy:
         if not self.setups[api.mode].partitioned:
             return None, None
         try:
-            return self.partitions.partition_for_token(api.client_key(headers)), None
+            return self.partitions.partition_for(api.client_key(headers)), None
         except KeySecretError as exc:
             return None, str(exc)
 
