@@ -109,7 +109,8 @@ class Api:
 
     def upstream_target(self, settings: Settings) -> UpstreamTarget:
         """Where misses go and how they authenticate (the OpenAI-compatible upstream)."""
-        return UpstreamTarget(settings.upstream_base_url, settings.upstream_api_key)
+        return UpstreamTarget(settings.upstream_base_url, settings.upstream_api_key,
+                              client_key_headers=self.client_key_headers, forwarded_headers=self.key_headers)
 
     def inline_images(self, body: Mapping[str, Any]) -> Iterator[ImageSlot]:
         """Every inline image of the request, in document order."""
