@@ -259,14 +259,14 @@ class CompletionProxy:
                 if hit is not None:
                     self.observer.request_model(hit.model)
                     return hit.response()
-        path = api.retrieval_path(item_id)
-        if request.query_string:
-            path += "?" + request.query_string.decode("latin-1")
-        return self.forward_uncached(api, path, request, reason="not a stored answer")
+        return self.forward_uncached(api, api.retrieval_path(item_id), request, reason="not a stored answer")
 
     def forward_uncached(self, api: Api, upstream_path: str, request: Request,
                          reason: str = "this route is not cached") -> Response:
-        """A request of the API that is never cached, passed to its upstream as sent."""
+        """A request of the API that is never cached, passed to its upstream as sent (its query
+        string too: Claude Code counts tokens with ``?beta=true``)."""
+        if request.query_string:
+            upstream_path += "?" + request.query_string.decode("latin-1")
         reply = self.upstream.request(request.method, upstream_path, request.headers,
                                       request.get_data(), self.setups[api.mode].target)
         outcome = Outcome("BYPASS", None, reason=reason)

@@ -59,6 +59,7 @@ class RecordedRequest:
     headers: dict
     body: bytes
     time: float
+    query: str = ""
 
     @property
     def json(self) -> Any:
@@ -689,6 +690,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers={name.lower(): value for name, value in self.headers.items()},
             body=body,
             time=time.monotonic(),
+            query=urlsplit(self.path).query,
         )
         upstream = self.server.upstream
         reply = upstream._accept(record) or upstream._default_reply(record)
