@@ -265,7 +265,9 @@ def test_messages__count_tokens_is_forwarded(client, fake_upstream):
     counted = client.messages.count_tokens(model=MODEL, messages=USER)
     assert counted.input_tokens > 0
     assert fake_upstream.calls("/messages/count_tokens")[0].json["messages"] == USER
-    raw = client.beta.messages.with_raw_response.count_tokens(model=MODEL, messages=USER)  # ?beta=true
+    # Claude Code asks with ?beta=true: the query goes upstream too.
+    raw = client.messages.with_raw_response.count_tokens(model=MODEL, messages=USER,
+                                                         extra_query={"beta": "true"})
     assert raw.headers[STATUS] == "BYPASS" and raw.parse().input_tokens == counted.input_tokens
     assert fake_upstream.calls("/messages/count_tokens")[1].query == "beta=true"
 
