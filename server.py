@@ -94,6 +94,10 @@ def create_app(settings: Settings | None = None, *, store: SQLiteStore | None = 
             app.add_url_rule(route, f"{api.mode}:{route}", view, methods=["POST"])
         for route in api.retrieval_routes:
             app.add_url_rule(route, f"retrieve:{route}", retrieve_view(proxy, api), methods=["GET"])
+            # The rest of an item's routes (DELETE, cancel, input_items) go upstream uncached.
+            app.add_url_rule(route, f"item:{route}", item_view(proxy, api), methods=["DELETE"])
+            app.add_url_rule(route + "/<path:action>", f"item:{route}/", item_view(proxy, api),
+                             methods=["GET", "POST"])
         for route, upstream_path in api.forwarded_routes.items():
             app.add_url_rule(route, f"forward:{route}", forward_view(proxy, api, upstream_path),
                              methods=["POST"])
@@ -164,6 +168,14 @@ def api_view(proxy: CompletionProxy, api: Api):
 def retrieve_view(proxy: CompletionProxy, api: Api):
     """The view of an API's retrieval routes: a stored answer by its id, else the upstream's."""
     return lambda item_id: proxy.retrieve(api, item_id, request)
+
+
+def item_view(proxy: CompletionProxy, api: Api):
+    """The view of an item's other routes (``DELETE <id>``, ``<id>/cancel``, ...): forwarded."""
+    def view(item_id: str, action: str = "") -> Response:
+        path = api.retrieval_path(item_id) + (f"/{action}" if action else "")
+        return proxy.forward_uncached(api, path, request)
+    return view
 
 
 def forward_view(proxy: CompletionProxy, api: Api, upstream_path: str):

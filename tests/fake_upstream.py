@@ -945,7 +945,12 @@ class FakeUpstream:
 
 
     def _responses_reply(self, route: str, record: RecordedRequest) -> Reply:
-        """Responses (tests/fake_responses.py builds them), and GET of one it answered by its id."""
+        """Responses (tests/fake_responses.py builds them), and GET or DELETE of one it answered."""
+        if record.method == "DELETE":
+            response_id = route.removeprefix("/responses/")
+            if self.responses_by_id.pop(response_id, None) is None:
+                return error_reply(404, "No response with that id.", "invalid_request_error", delay=0.0)
+            return json_reply({"id": response_id, "object": "response", "deleted": True}, delay=0.0)
         if record.method == "GET":
             answer = self.responses_by_id.get(route.removeprefix("/responses/"))
             if answer is None:

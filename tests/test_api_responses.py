@@ -187,3 +187,16 @@ def test_responses__retrieve_stays_within_the_namespace(openai_client, fake_upst
     inside = openai_client.responses.with_raw_response.retrieve(created.id, extra_headers={"X-Cache-Namespace": "run-1"})
     outside = openai_client.responses.with_raw_response.retrieve(created.id)
     assert (inside.headers[STATUS], outside.headers[STATUS]) == ("HIT", "BYPASS")
+
+
+def test_responses__an_items_other_routes_are_forwarded(openai_client, fake_upstream):
+    fake_upstream.enqueue(json_reply({"id": "resp_1", "object": "response", "status": "cancelled"}))
+    cancelled = openai_client.responses.with_raw_response.cancel("resp_1")
+    assert cancelled.headers[STATUS] == "BYPASS" and cancelled.parse().status == "cancelled"
+    with pytest.raises(openai.NotFoundError):  # the fake answered no resp_1: its 404 comes back
+        openai_client.responses.delete("resp_1")
+    with pytest.raises(openai.NotFoundError):
+        openai_client.responses.input_items.list("resp_1")
+    assert [(call.method, call.path) for call in fake_upstream.requests] == [
+        ("POST", "/v1/responses/resp_1/cancel"), ("DELETE", "/v1/responses/resp_1"),
+        ("GET", "/v1/responses/resp_1/input_items")]
