@@ -401,3 +401,18 @@ def test_messages__browsers_may_send_anthropics_headers(http, proxy):
     allowed = {name.strip().lower() for name in response.headers["Access-Control-Allow-Headers"].split(",")}
     assert response.status_code == 204
     assert {"x-api-key", "anthropic-version", "anthropic-beta"} <= allowed
+
+
+def test_messages__an_unexpected_failure_is_an_anthropic_api_error(broken_messages_client):
+    response = broken_messages_client.post("/v1/messages", json={"model": MODEL, "messages": USER})
+    assert response.status_code == 500
+    assert response.get_json() == {"type": "error", "error": {
+        "type": "api_error", "message": "The cache server failed unexpectedly."}}
+
+
+@pytest.fixture
+def broken_messages_client(app, monkeypatch):
+    def broken(body):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(MESSAGES, "validate", broken)
+    return app.test_client()
