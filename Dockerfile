@@ -34,6 +34,7 @@ COPY \
     metrics.py \
     near_match.py \
     previews.py \
+    pricing.py \
     proxy.py \
     recent_items.py \
     secret_scan.py \
@@ -47,6 +48,7 @@ COPY \
     wire.py \
     ./
 COPY stores/ ./stores/
+COPY apis/ ./apis/
 
 USER 10001
 VOLUME ["/data"]

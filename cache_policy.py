@@ -97,8 +97,13 @@ def ignored_keys(configured: tuple[str, ...]) -> frozenset[str]:
     return ALWAYS_IGNORED_KEYS | frozenset(configured)
 
 
-def canonical_payload(mode: str, body: Mapping[str, Any], ignore_keys: frozenset[str]) -> dict:
+def canonical_payload(mode: str, body: Mapping[str, Any], ignore_keys: frozenset[str],
+                      extra: Mapping[str, Any] | None = None) -> dict:
+    """What the key hashes: the body less the ignored fields, the API's ``extra`` key material
+    (request headers that change the answer), and the mode."""
     payload = {name: value for name, value in body.items() if name not in ignore_keys}
+    if extra:
+        payload.update(extra)
     payload["mode"] = mode
     return payload
 
@@ -179,12 +184,14 @@ def ignored_text_changes(body: Mapping[str, Any], patterns: tuple[str, ...]) -> 
 
 def canonical_request(settings: Settings, mode: str, body: Mapping[str, Any],
                       clean_strings: list[str] | None = None,
-                      changes: Sequence[tuple[Any, Any, Any]] = ()) -> str:
+                      changes: Sequence[tuple[Any, Any, Any]] = (),
+                      key_extra: Mapping[str, Any] | None = None) -> str:
     """The canonical text the key is made of: ignored fields left out, volatile text replaced,
-    plus any temporary ``changes`` (near matching's normalisation)."""
+    the API's ``key_extra`` added, plus any temporary ``changes`` (near matching's
+    normalisation)."""
     ignore = ignored_keys(settings.cache_ignore_keys)
     with replaced([*ignored_text_changes(body, settings.cache_ignore_patterns), *changes]):
-        return canonical_json(canonical_payload(mode, body, ignore), clean_strings)
+        return canonical_json(canonical_payload(mode, body, ignore, key_extra), clean_strings)
 
 
 _HASH_SLICE = 32768
@@ -362,12 +369,14 @@ class Decision:
     max_age: int | None = None
     ttl_seconds: int | None = None
     namespace: str | None = None
+    partition: str | None = None
     # The request's inline images (their texts count as digests; stored as references), and the
     # strings canonical_json found to be plain base64 data URLs.
     images: tuple[ImageSlot, ...] = ()
     plain_strings: tuple[str, ...] = ()
     match: str = "exact"  # CACHE_MATCH, or the request's X-Cache-Match
     near: Any = None  # near_match.NearRequest, set by the proxy for requests in near mode
+    key_extra: Mapping[str, Any] | None = None  # the API's key material beyond the body
 
     @property
     def bypass(self) -> bool:
@@ -383,6 +392,7 @@ def decide(
     partition: str | None = None,
     controls: RequestControls | None = None,
     images: Sequence[ImageSlot] = (),
+    key_extra: Mapping[str, Any] | None = None,
 ) -> Decision:
     """Derive the key and decide; the first reason that applies wins, as in the original.
 
@@ -393,10 +403,11 @@ def decide(
     partition nor a namespace the key is byte-identical to the original server's.
     ``images`` (the endpoint's ``inline_images``): each counts against CACHE_MAX_INPUT_CHARS as
     the length of its digest, not of its base64.
+    ``key_extra``: the API's key material beyond the body (see ``canonical_payload``).
     """
     controls = controls or RequestControls()
     clean_strings: list[str] = []  # screenshots, already checked once: see canonical_json
-    canonical = canonical_request(settings, mode, body, clean_strings)
+    canonical = canonical_request(settings, mode, body, clean_strings, key_extra=key_extra)
     key = hash_canonical(canonical, partition, controls.namespace)
     images = tuple(images)
     match = controls.match or settings.cache_match
@@ -428,7 +439,9 @@ def decide(
         max_age=controls.max_age,
         ttl_seconds=controls.ttl_seconds,
         namespace=controls.namespace,
+        partition=partition,
         images=images,
         plain_strings=tuple(clean_strings),
         match=match,
+        key_extra=key_extra,
     )

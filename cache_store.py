@@ -66,6 +66,7 @@ class NewEntry:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     upstream_seconds: float = 0.0
+    unpriced: bool = False  # the upstream said no cost and the price table knows no such model
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,10 @@ class CacheStore(ABC):
 
     @abstractmethod
     def record_request(self, status: str, model: str, *, route: str = "", key: str | None = None,
-                       seconds: float = 0.0, coalesced: bool = False, near: bool = False) -> None:
-        """Count one answered request (HIT, MISS or BYPASS; ``near``: a near hit); may be held
-        until the next flush."""
+                       seconds: float = 0.0, coalesced: bool = False, api: str = "",
+                       near: bool = False) -> None:
+        """Count one answered request (HIT, MISS or BYPASS) of an API (its mode; ``near``: a near
+        hit); may be held until the next flush."""
 
     @abstractmethod
     def unavailable_reason(self) -> str | None:
@@ -250,6 +252,8 @@ class RequestTally:
         self.by_model_status: dict[tuple[str, str], int] = {}
         self.coalesced: dict[str, int] = {}
         self.near_hits: dict[str, int] = {}
+        self.by_api_status: dict[tuple[str, str], int] = {}
+        self.api_coalesced: dict[str, int] = {}
         self.timeline: dict[tuple[int, str], int] = {}
         self.recent: list[tuple] = []
 
@@ -257,7 +261,7 @@ class RequestTally:
         return bool(self.by_model_status or self.coalesced)
 
     def add(self, at: float, route: str, status: str, model: str, key: str | None, seconds: float,
-            coalesced: bool, near: bool = False) -> None:
+            coalesced: bool, api: str = "", near: bool = False) -> None:
         model = storable_text(model)  # client text: counted under its escape if it must be
         pair = (model, status)
         self.by_model_status[pair] = self.by_model_status.get(pair, 0) + 1
@@ -265,6 +269,10 @@ class RequestTally:
             self.coalesced[model] = self.coalesced.get(model, 0) + 1
         if near:
             self.near_hits[model] = self.near_hits.get(model, 0) + 1
+        if api:
+            self.by_api_status[(api, status)] = self.by_api_status.get((api, status), 0) + 1
+            if coalesced:
+                self.api_coalesced[api] = self.api_coalesced.get(api, 0) + 1
         bucket = (int(at // TIMELINE_BUCKET_SECONDS) * TIMELINE_BUCKET_SECONDS, status)
         self.timeline[bucket] = self.timeline.get(bucket, 0) + 1
         self.recent.append((at, route, status, model, key, seconds, int(coalesced)))
@@ -278,6 +286,10 @@ class RequestTally:
             self.coalesced[model] = self.coalesced.get(model, 0) + count
         for model, count in other.near_hits.items():
             self.near_hits[model] = self.near_hits.get(model, 0) + count
+        for pair, count in other.by_api_status.items():
+            self.by_api_status[pair] = self.by_api_status.get(pair, 0) + count
+        for api, count in other.api_coalesced.items():
+            self.api_coalesced[api] = self.api_coalesced.get(api, 0) + count
         for bucket, count in other.timeline.items():
             self.timeline[bucket] = self.timeline.get(bucket, 0) + count
         self.recent = (self.recent + other.recent)[-RECENT_REQUESTS_KEPT:]
@@ -304,6 +316,14 @@ class RequestTally:
               self.near_hits.get(model, 0))
              for model in models],
             one_by_one,
+        )
+        apis = {api for api, _ in self.by_api_status}
+        db.executemany(
+            """INSERT INTO api_stats(api, misses, bypasses, coalesced) VALUES (?, ?, ?, ?)
+               ON CONFLICT(api) DO UPDATE SET misses = misses + excluded.misses,
+                   bypasses = bypasses + excluded.bypasses, coalesced = coalesced + excluded.coalesced""",
+            [(api, self.by_api_status.get((api, "MISS"), 0), self.by_api_status.get((api, "BYPASS"), 0),
+              self.api_coalesced.get(api, 0)) for api in apis],
         )
         db.executemany(
             """INSERT INTO request_timeline(bucket, status, requests) VALUES (?, ?, ?)
@@ -393,23 +413,24 @@ MAX_BATCH_BYTES = CHECKPOINT_AFTER_BYTES
 WAL_SIZE_LIMIT_BYTES = 4 * CHECKPOINT_AFTER_BYTES
 WAL_AUTOCHECKPOINT_PAGES = 10000
 
-# Stores written by one statement (13 values each: within SQLite's oldest limit of 999).
+# Stores written by one statement (14 values each: within SQLite's oldest limit of 999).
 _ROWS_PER_STATEMENT = 50
 _INSERT_SQL = (
     "INSERT INTO completions(cache_key, mode, model, request_json, response_json, created_at, "
     "updated_at, last_hit_at, hits, expires_at, namespace, prompt_tokens, completion_tokens, "
-    "cost_usd, upstream_seconds) VALUES "
+    "cost_usd, upstream_seconds, unpriced) VALUES "
 )
-_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ?, ?, ?, ?, ?)"
+_INSERT_ROW = "(?, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ?, ?, ?, ?, ?, ?)"
 _REPLACE_EXPIRED_SQL = (
     "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
     "created_at = ?, updated_at = ?, last_hit_at = NULL, hits = 0, expires_at = ?, namespace = ?, "
-    "prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, upstream_seconds = ? WHERE cache_key = ?"
+    "prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, upstream_seconds = ?, unpriced = ? "
+    "WHERE cache_key = ?"
 )
 _UPDATE_LIVE_SQL = (
     "UPDATE completions SET mode = ?, model = ?, request_json = ?, response_json = ?, "
     "updated_at = ?, expires_at = ?, namespace = ?, prompt_tokens = ?, completion_tokens = ?, "
-    "cost_usd = ?, upstream_seconds = ? WHERE cache_key = ?"
+    "cost_usd = ?, upstream_seconds = ?, unpriced = ? WHERE cache_key = ?"
 )
 
 # How long /cache/stats and /healthz wait for the write lock to add this process's counters.
@@ -781,7 +802,7 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing, CacheStore):
             entry, now = put.entry, put.now
             texts = (entry.mode, entry.model, entry.request_json, entry.response_json)
             savings = (entry.prompt_tokens, entry.completion_tokens, entry.cost_usd,
-                       entry.upstream_seconds)
+                       entry.upstream_seconds, int(entry.unpriced))
             row = known.get(entry.key)
             if row is None:
                 inserts.append((entry.key, *texts, now, now, put.expires_at, put.namespace, *savings))
@@ -959,12 +980,13 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing, CacheStore):
                 pending[1] = now
 
     def record_request(self, status: str, model: str, *, route: str = "", key: str | None = None,
-                       seconds: float = 0.0, coalesced: bool = False, near: bool = False) -> None:
-        """Count one answered request (HIT, MISS or BYPASS; ``near``: a near hit) in memory;
-        written with the hits."""
+                       seconds: float = 0.0, coalesced: bool = False, api: str = "",
+                       near: bool = False) -> None:
+        """Count one answered request (HIT, MISS or BYPASS) of an API (its mode) in memory;
+        ``near``: a near hit. Written with the hits."""
         at = self.clock()
         with self._lock:
-            self._pending_requests.add(at, route, status, model, key, seconds, coalesced, near)
+            self._pending_requests.add(at, route, status, model, key, seconds, coalesced, api, near)
 
     def delete(self, key: str) -> bool:
         return bool(self._write(
@@ -994,6 +1016,11 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing, CacheStore):
                 "completion_tokens_saved, cost_saved_usd, time_saved_seconds "
                 "FROM model_stats ORDER BY model"
             ).fetchall()
+            api_rows = db.execute(
+                "SELECT api, hits, misses, bypasses, coalesced, prompt_tokens_saved, "
+                "completion_tokens_saved, cost_saved_usd, time_saved_seconds, unpriced_hits "
+                "FROM api_stats ORDER BY api"
+            ).fetchall()
         except sqlite3.Error as exc:
             self._report_error("read")
             raise StoreError(str(exc)) from exc
@@ -1016,6 +1043,7 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing, CacheStore):
             "db_bytes": self.db_bytes(),
             **savings(counters.get("prompt_tokens_saved", 0), counters.get("completion_tokens_saved", 0),
                       counters.get("cost_saved_usd", 0), counters.get("time_saved_seconds", 0)),
+            "unpriced_hits": int(counters.get("unpriced_hits", 0)),
             "by_model": {
                 model: {"hits": hits, "misses": model_misses, "bypasses": bypasses,
                         "coalesced": coalesced, "near_hits": near_hits,
@@ -1023,6 +1051,15 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing, CacheStore):
                         **savings(prompt, completion, cost, seconds)}
                 for model, hits, model_misses, bypasses, coalesced, near_hits, prompt, completion, cost,
                 seconds in model_rows
+            },
+            # Per API (the stored entries' mode): the same figures, and hits that saved money
+            # the price table could not put a figure on.
+            "by_api": {
+                api: {"hits": hits, "misses": api_misses, "bypasses": bypasses,
+                      "coalesced": coalesced, "hit_rate": hit_rate(hits, api_misses),
+                      **savings(prompt, completion, cost, seconds), "unpriced_hits": unpriced}
+                for api, hits, api_misses, bypasses, coalesced, prompt, completion, cost, seconds, unpriced
+                in api_rows
             },
         }
 

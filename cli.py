@@ -23,6 +23,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from apis import API_BY_MODE
 from cache_policy import canonical_json, hash_canonical, valid_namespace
 from cache_store import CacheStore, StoreError
 from images import decode_prints, holds_image_references
@@ -123,7 +124,7 @@ def list_command(limit: int, model: str | None, namespace: str | None, as_json: 
             click.echo(json.dumps(item, ensure_ascii=False))
             continue
         age = _age(now - item["created_at"])
-        click.echo(f"{item['key']}  {item['model']}  ns={item['namespace'] or '-'}  "
+        click.echo(f"{item['key']}  {item['mode']}  {item['model']}  ns={item['namespace'] or '-'}  "
                    f"hits={item['hits']}  {item['size']}B  age={age}  {item['prompt']}")
 
 
@@ -279,8 +280,8 @@ def record_from_line(raw: bytes | str) -> dict:
     if not _KEY.fullmatch(key):
         raise ValueError("key must be 64 lowercase hex characters")
     mode = record.get("mode")
-    if mode not in ("chat", "completion"):
-        raise ValueError("mode must be 'chat' or 'completion'")
+    if mode not in API_BY_MODE:
+        raise ValueError(f"mode must be one of {', '.join(repr(name) for name in API_BY_MODE)}")
     model = _text(record, "model")
     namespace = record.get("namespace")
     if namespace is not None and (not isinstance(namespace, str) or not valid_namespace(namespace)):
@@ -298,7 +299,9 @@ def record_from_line(raw: bytes | str) -> dict:
     if unstorable is not None:  # cached before such requests were refused; never served now
         raise ValueError(f"request_json holds a lone UTF-16 surrogate at {unstorable}: such a "
                          "request is refused with a 400, so its entry would never be served")
-    if request.get("mode") != mode or str(request.get("model")) != model:
+    # A retrieval entry (a stored answer under its id, "<mode>.retrieve") names no model.
+    retrieval = request.get("mode") == f"{mode}.retrieve"
+    if not retrieval and (request.get("mode") != mode or str(request.get("model")) != model):
         raise ValueError("mode/model do not match request_json")
     canonical = canonical_json(request)
     if hash_canonical(canonical, namespace=namespace) != key and not holds_image_references(request):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+# How a server-held Anthropic key is sent: auto = x-api-key to *.anthropic.com, else bearer.
+UPSTREAM_AUTH_STYLES = ("auto", "x-api-key", "bearer")
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
@@ -63,6 +65,13 @@ _parse_port = _parse_within(int, 0, 65535, "a port number 0-65535")
 
 def _parse_str(text: str) -> str:
     return text.strip()
+
+
+def _parse_upstream_auth(text: str) -> str:
+    value = text.strip().lower()
+    if value not in UPSTREAM_AUTH_STYLES:
+        raise ValueError(f"must be one of {', '.join(UPSTREAM_AUTH_STYLES)}, got {text!r}")
+    return value
 
 
 def _parse_secret(text: str) -> str:
@@ -171,6 +180,7 @@ _PARSERS: dict[type | str, Callable[[str], Any]] = {
     "regions": parse_regions,
     "patterns": parse_patterns,
     "url": _parse_cache_url,
+    "auth": _parse_upstream_auth,
 }
 
 
@@ -294,11 +304,24 @@ class Settings:
         "GUNICORN_TIMEOUT", 60, "int",
         "Seconds a worker's main loop may stay silent before gunicorn restarts it "
         "(not a per-request limit: long streams are never cut by it).")
+    anthropic_upstream_base_url: str = setting(
+        "ANTHROPIC_UPSTREAM_BASE_URL", "", "str",
+        "Where Anthropic Messages misses go (+ /messages); empty = UPSTREAM_BASE_URL (right for "
+        "OpenRouter); https://api.anthropic.com/v1 for Anthropic itself.")
+    anthropic_upstream_api_key: str = setting(
+        "ANTHROPIC_UPSTREAM_API_KEY", "", "str",
+        "Key sent with Messages misses (falls back to ANTHROPIC_API_KEY, then to UPSTREAM_API_KEY "
+        "when Messages share its upstream); empty forwards each client's x-api-key or bearer.")
+    anthropic_upstream_auth: str = setting(
+        "ANTHROPIC_UPSTREAM_AUTH", "auto", "auth",
+        "How the server's Messages key is sent: auto (x-api-key to *.anthropic.com, else "
+        "Authorization: Bearer), x-api-key or bearer.")
 
 
 _FALLBACKS = {
     "UPSTREAM_BASE_URL": ("OPENAI_BASE_URL",),
     "UPSTREAM_API_KEY": ("OPENROUTER_API_KEY", "OPENAI_API_KEY"),
+    "ANTHROPIC_UPSTREAM_API_KEY": ("ANTHROPIC_API_KEY",),
 }
 
 
@@ -330,7 +353,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     settings = Settings(**values)
     check_combinations(settings)
     return dataclasses.replace(
-        settings, upstream_base_url=settings.upstream_base_url.rstrip("/") or OPENROUTER_BASE_URL
+        settings, upstream_base_url=settings.upstream_base_url.rstrip("/") or OPENROUTER_BASE_URL,
+        anthropic_upstream_base_url=settings.anthropic_upstream_base_url.rstrip("/"),
     )
 
 
@@ -345,6 +369,11 @@ def check_combinations(settings: Settings) -> None:
         raise SettingsError(
             "PROXY_API_KEYS is set but UPSTREAM_API_KEY is not: with client keys the proxy must "
             "hold the upstream key itself (set UPSTREAM_API_KEY, OPENROUTER_API_KEY or OPENAI_API_KEY).")
+    if (settings.proxy_api_keys and settings.anthropic_upstream_base_url
+            and not settings.anthropic_upstream_api_key):
+        raise SettingsError(
+            "PROXY_API_KEYS and ANTHROPIC_UPSTREAM_BASE_URL are set but ANTHROPIC_UPSTREAM_API_KEY "
+            "is not: the proxy must hold the Anthropic upstream key too (or ANTHROPIC_API_KEY).")
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

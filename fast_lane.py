@@ -17,12 +17,12 @@ import time
 from typing import Any, Callable, Iterable
 
 import guard
+from apis import API_LIST, Api
 from access_log import AccessLog
 from config import Settings
 from errors import ApiError
 from metrics import Monitor, model_label
 from proxy import CompletionProxy
-from wire import CHAT, CHAT_ROUTES, COMPLETION, COMPLETION_ROUTES, Endpoint
 
 log = logging.getLogger("computer_use_cache.fast_lane")
 
@@ -31,27 +31,27 @@ WsgiApp = Callable[[dict, Callable], Iterable[bytes]]
 
 class KnownHitLane:
     def __init__(self, app: WsgiApp, proxy: CompletionProxy, settings: Settings, monitor: Monitor,
-                 access_log: AccessLog, cors_headers: list[tuple[str, str]]):
+                 access_log: AccessLog, cors_headers: list[tuple[str, str]],
+                 apis: Iterable[Api] = API_LIST):
         self.app = app
         self.proxy = proxy
         self.settings = settings
         self.monitor = monitor
         self.access_log = access_log
         self.cors_headers = cors_headers
-        self.endpoints: dict[str, Endpoint] = {
-            **{route: CHAT for route in CHAT_ROUTES}, **{route: COMPLETION for route in COMPLETION_ROUTES}}
+        self.apis: dict[str, Api] = {route: api for api in apis for route in api.routes}
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        endpoint = self.endpoints.get(environ.get("PATH_INFO", "")) \
+        api = self.apis.get(environ.get("PATH_INFO", "")) \
             if environ.get("REQUEST_METHOD") == "POST" else None
-        if endpoint is None:
+        if api is None:
             return self.app(environ, start_response)
         started = time.perf_counter()
         body = self._admitted_body(environ)
         if body is None:
             return self.app(environ, start_response)
         try:
-            reply = self.proxy.known_hit(endpoint, self.proxy.fingerprint(endpoint, body, environ))
+            reply = self.proxy.known_hit(api, self.proxy.fingerprint(api, body, environ))
         except Exception as exc:  # never a 500 from here: Flask answers it, as it would anyway
             log.warning("known-hit lane passed a request on after %s", type(exc).__name__)
             reply = None
@@ -63,7 +63,7 @@ class KnownHitLane:
         start_response("200 OK", headers + self.cors_headers)
         route, key = environ["PATH_INFO"], reply.headers.get("X-Computer-Use-Cache-Key")
         seconds = time.perf_counter() - started
-        self.monitor.count_response(route, "HIT", key, False, seconds, model_label(reply.model))
+        self.monitor.count_response(route, "HIT", key, False, seconds, model_label(reply.model), api.mode)
         self.access_log.write("POST", route, 200, "HIT", key, None, seconds)
         return [reply.body]
 

@@ -44,7 +44,7 @@ def check_request(environ: Mapping[str, Any], proxy_api_keys: tuple[str, ...], m
     still gets its own 404/405, not a complaint about its content type).
     """
     if api_path:
-        check_client_key(proxy_api_keys, environ.get("HTTP_AUTHORIZATION"))
+        check_client_key(proxy_api_keys, environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_X_API_KEY"))
     check_headers({name: value for name, value in environ.items()
                    if name.startswith("HTTP_") and isinstance(value, str)})
     check_declared_size(declared_length(environ), max_request_bytes)
@@ -57,15 +57,17 @@ def declared_length(environ: Mapping[str, Any]) -> int | None:
     return get_content_length(environ)
 
 
-def check_client_key(proxy_api_keys: tuple[str, ...], authorization: str | None) -> None:
-    """401 unless the bearer token is one of PROXY_API_KEYS (when any are configured).
+def check_client_key(proxy_api_keys: tuple[str, ...], authorization: str | None,
+                     api_key: str | None = None) -> None:
+    """401 unless the bearer token (or, without one, the ``x-api-key`` header Anthropic clients
+    send) is one of PROXY_API_KEYS (when any are configured).
 
     Every configured key is compared, each in constant time, so neither the answer time nor an
     early exit tells a caller how close a guess was or which key matched.
     """
     if not proxy_api_keys:
         return
-    offered = (bearer_token(authorization) or "").encode("utf-8", "surrogateescape")
+    offered = (bearer_token(authorization) or api_key or "").encode("utf-8", "surrogateescape")
     matched = False
     for key in proxy_api_keys:
         matched |= hmac.compare_digest(offered, key.encode("utf-8"))

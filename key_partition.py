@@ -1,6 +1,7 @@
 """Per-client cache partitions: a client only hits entries created with its own API key.
 
-When the proxy holds no UPSTREAM_API_KEY, each client's bearer token is forwarded upstream and
+When the proxy holds no upstream key for an API (UPSTREAM_API_KEY; for Anthropic Messages
+ANTHROPIC_UPSTREAM_API_KEY), each client's own key is forwarded upstream and
 pays for that client's misses. One shared cache would then let anyone read the answers to other
 users' prompts, and let a client with an invalid key ride on someone else's spend. So the cache
 key of every request is mixed with HMAC-SHA256(server secret, client key): the raw client key is
@@ -19,7 +20,6 @@ from typing import Callable
 
 from config import Settings
 from store_errors import StoreError
-from upstream import bearer_token
 
 log = logging.getLogger("computer_use_cache.partition")
 
@@ -32,11 +32,11 @@ class KeySecretError(Exception):
 
 
 class ClientPartitions:
-    """Which partition of the cache a request belongs to (None: the one shared cache)."""
+    """Which partition of the cache a client key belongs to. Whether an API partitions at all is
+    the proxy's call: not when the server holds that API's upstream key (every client spends the
+    same key, so they may share answers), nor with CACHE_SHARE_ACROSS_KEYS."""
 
     def __init__(self, settings: Settings, stored_secret: Callable[[], bytes | None] | None = None):
-        # With a server key every client spends the same key, so they may share answers.
-        self.enabled = not settings.upstream_api_key and not settings.cache_share_across_keys
         self.secret_path = settings.cache_db_path + SECRET_SUFFIX
         self._secret = settings.cache_key_secret.encode("utf-8") or None
         # The store's own place for the generated secret (CacheStore.partition_secret): shared by
@@ -45,16 +45,13 @@ class ClientPartitions:
         self._lock = threading.Lock()
         self._failure_logged = False
 
-    def partition_for(self, authorization: str | None) -> str | None:
-        """The partition of a request with this Authorization header, or None when shared.
+    def partition_for(self, token: str | None) -> str | None:
+        """The partition of a client key, whatever header carried it; None without a key.
 
-        Requests without a bearer token use the unpartitioned key space, so their keys stay the
-        original server's (an upstream that takes no key answers everyone alike anyway); no
-        keyed partition can reach it, nor it them.
+        Requests without a key use the unpartitioned key space, so their keys stay the original
+        server's (an upstream that takes no key answers everyone alike anyway); no keyed
+        partition can reach it, nor it them.
         """
-        if not self.enabled:
-            return None
-        token = bearer_token(authorization)
         if token is None:
             return None
         identity = b"key " + token.encode("utf-8", "surrogatepass")

@@ -24,29 +24,26 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cache_store import CacheStore, StoreError, storable_text
 from config import Settings
+from pricing import usage_cost
 
 PREFIX = "computer_use_cache"
 HIT_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 UPSTREAM_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
-def _number(value: Any) -> float:
-    """A usage figure as a non-negative number; anything else (missing, text, bool) is 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
-        return 0
-    return value
-
-
-def usage_figures(completion: Any) -> dict[str, Any]:
-    """What one hit on this answer saves, from its ``usage`` (``cost`` where the provider sends it)."""
-    usage = completion.get("usage") if isinstance(completion, dict) else None
-    if not isinstance(usage, dict):
-        usage = {}
-    return {
-        "prompt_tokens": int(_number(usage.get("prompt_tokens"))),
-        "completion_tokens": int(_number(usage.get("completion_tokens"))),
-        "cost_usd": float(_number(usage.get("cost"))),
-    }
+def saved_figures(figures: dict[str, Any], model: Any) -> dict[str, Any]:
+    """NewEntry's savings fields from an API's ``usage_figures``: the upstream's own cost, else
+    its usage priced from the price table; a model the table does not know costs 0 and the
+    entry is marked unpriced (when it used any tokens)."""
+    prompt, completion = figures.get("prompt_tokens", 0), figures.get("completion_tokens", 0)
+    cost = figures.get("cost_usd")
+    unpriced = False
+    if cost is None:
+        cost = usage_cost(model, figures)
+        if cost is None:
+            cost, unpriced = 0.0, bool(prompt or completion)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": cost,
+            "unpriced": unpriced}
 
 
 def model_label(model: Any) -> str:
@@ -64,9 +61,9 @@ class RequestObserver:
     def request_model(self, model: Any) -> None:
         """The model of a completion request, counted when it is answered."""
 
-    def entry_figures(self, completion: Any) -> dict[str, Any]:
-        """Extra NewEntry fields for an answer about to be stored."""
-        return usage_figures(completion)
+    def entry_figures(self, figures: dict[str, Any], model: Any) -> dict[str, Any]:
+        """Extra NewEntry fields for an answer about to be stored, from its API's usage figures."""
+        return saved_figures(figures, model)
 
 
 class TimedUpstream:
@@ -125,11 +122,32 @@ class StoreCollector:
         tokens.add_metric(["completion"], stats["tokens_saved"]["completion"])
         yield tokens
         yield CounterMetricFamily(f"{PREFIX}_cost_saved_usd",
-                                  "Upstream cost (usage.cost) not spent thanks to cache hits.",
+                                  "Upstream cost (usage.cost, else priced with genai-prices) not "
+                                  "spent thanks to cache hits.",
                                   value=stats["cost_saved_usd"])
         yield CounterMetricFamily(f"{PREFIX}_time_saved_seconds",
                                   "Upstream time not waited for thanks to cache hits.",
                                   value=stats["time_saved_seconds"])
+        yield CounterMetricFamily(f"{PREFIX}_unpriced_hits",
+                                  "Hits on answers with no usage.cost whose model the price table "
+                                  "does not know (their savings count as $0).",
+                                  value=stats.get("unpriced_hits", 0))
+        by_api = stats.get("by_api", {})
+        api_hits = CounterMetricFamily(f"{PREFIX}_api_hits", "Cache hits served, by API.", labels=["api"])
+        api_tokens = CounterMetricFamily(f"{PREFIX}_api_tokens_saved",
+                                         "Tokens not sent upstream thanks to cache hits, by API.",
+                                         labels=["api", "kind"])
+        api_cost = CounterMetricFamily(f"{PREFIX}_api_cost_saved_usd",
+                                       "Upstream cost not spent thanks to cache hits, by API "
+                                       "(usage.cost, else priced with genai-prices).", labels=["api"])
+        for api, figures in by_api.items():
+            api_hits.add_metric([api], figures["hits"])
+            api_tokens.add_metric([api, "prompt"], figures["tokens_saved"]["prompt"])
+            api_tokens.add_metric([api, "completion"], figures["tokens_saved"]["completion"])
+            api_cost.add_metric([api], figures["cost_saved_usd"])
+        yield api_hits
+        yield api_tokens
+        yield api_cost
 
 
 class Monitor(RequestObserver):
@@ -143,6 +161,10 @@ class Monitor(RequestObserver):
         owner = None if self.multiprocess_dir else self.registry
         self.requests = Counter(f"{PREFIX}_requests", "Completion requests by route and cache status.",
                                 ["route", "cache_status"], registry=owner)
+        self.api_requests = Counter(f"{PREFIX}_api_requests",
+                                    "Requests by API (chat, completion, messages, responses, "
+                                    "embeddings) and cache status.",
+                                    ["api", "cache_status"], registry=owner)
         self.upstream_requests = Counter(f"{PREFIX}_upstream_requests",
                                          "Upstream answers by HTTP status ('error': none came).",
                                          ["status"], registry=owner)
@@ -167,7 +189,7 @@ class Monitor(RequestObserver):
             self.registry.register(self.store_collector)
         store.on_error = self.store_error
         self._local = threading.local()
-        self._request_counters: dict[tuple[str, str], Any] = {}  # labels() looked up once
+        self._request_counters: dict[tuple[str, str, str], Any] = {}  # labels() looked up once
 
     # -- what the proxy and the upstream wrapper report ------------------------------------------
 
@@ -189,11 +211,11 @@ class Monitor(RequestObserver):
         """The model this request reported (``request_model``), inside a Flask request."""
         return g.get("computer_use_cache_model", "unknown")
 
-    def entry_figures(self, completion: Any) -> dict[str, Any]:
+    def entry_figures(self, figures: dict[str, Any], model: Any) -> dict[str, Any]:
         """Usage, plus the upstream time this thread's request has taken so far (a whole stream)."""
         started = getattr(self._local, "upstream_started", None)
         seconds = time.monotonic() - started if started is not None else 0.0
-        return {**usage_figures(completion), "upstream_seconds": round(seconds, 6)}
+        return {**saved_figures(figures, model), "upstream_seconds": round(seconds, 6)}
 
     def store_error(self, operation: str) -> None:
         self.store_errors.labels(operation).inc()
@@ -201,13 +223,15 @@ class Monitor(RequestObserver):
     # -- Flask ---------------------------------------------------------------------------------
 
     def count_response(self, route: str, status: str, key: str | None, coalesced: bool,
-                       seconds: float, model: str, near: bool = False) -> None:
-        """One answered completion request: ``status`` is its X-Computer-Use-Cache value;
+                       seconds: float, model: str, api: str = "", near: bool = False) -> None:
+        """One answered request of an API (its mode): ``status`` is its X-Computer-Use-Cache value;
         ``near``: a hit found by near matching."""
-        counter = self._request_counters.get((route, status))
-        if counter is None:
-            counter = self._request_counters[(route, status)] = self.requests.labels(route, status)
-        counter.inc()
+        counters = self._request_counters.get((route, status, api))
+        if counters is None:
+            counters = self._request_counters[(route, status, api)] = (
+                self.requests.labels(route, status), self.api_requests.labels(api or "unknown", status))
+        for counter in counters:
+            counter.inc()
         if status == "HIT":
             self.hit_latency.observe(seconds)
         if coalesced:
@@ -215,7 +239,7 @@ class Monitor(RequestObserver):
         if near:
             self.near_hits.labels(route).inc()
         self.store.record_request(status, model, route=route, key=key, seconds=seconds,
-                                  coalesced=coalesced, near=near)
+                                  coalesced=coalesced, api=api, near=near)
 
     def exposition(self) -> bytes:
         if not self.multiprocess_dir:

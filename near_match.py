@@ -98,7 +98,8 @@ class NearMatcher:
                 changes.append((slot.holder, slot.key, number))
             # Only images compared by what they show are blanked; any other stays as text.
             changes += [(slot.holder, slot.key, IMAGE_PLACEHOLDER) for slot, _ in images]
-            normalised = canonical_request(self.settings, endpoint.mode, body, changes=changes)
+            normalised = canonical_request(self.settings, endpoint.mode, body, changes=changes,
+                                           key_extra=decision.key_extra)
             return hash_canonical("near\n" + normalised, partition, decision.namespace)
 
         return NearRequest(self, group, [found for _, found in images])

@@ -32,7 +32,8 @@ def _text_of(content: Any) -> str:
 
 
 def prompt_text(request_json: str) -> str:
-    """The words a person would recognise a request by: its last user message, or its prompt."""
+    """The words a person would recognise a request by: its last user message, or its prompt
+    (or input)."""
     try:
         payload = json.loads(request_json)
     except ValueError:
@@ -45,7 +46,12 @@ def prompt_text(request_json: str) -> str:
             if isinstance(message, dict) and message.get("role") == "user":
                 return _text_of(message.get("content"))
         return _text_of(messages[-1].get("content")) if messages and isinstance(messages[-1], dict) else ""
-    prompt = payload.get("prompt")
+    prompt = payload.get("prompt", payload.get("input"))  # legacy prompt; Responses or embeddings input
+    if isinstance(prompt, list) and any(isinstance(item, dict) for item in prompt):
+        for item in reversed(prompt):  # Responses input items: the last user message
+            if isinstance(item, dict) and item.get("role") == "user":
+                return _text_of(item.get("content"))
+        return ""
     if isinstance(prompt, list):
         prompt = prompt[0] if prompt and isinstance(prompt[0], str) else ""
     return prompt if isinstance(prompt, str) else ""

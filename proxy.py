@@ -1,8 +1,9 @@
 """The cache flow for one completion request: decide, look up, coalesce, forward, store, answer.
 
 ``CompletionProxy`` turns a Flask request into a Flask response. What may be cached is decided by
-``cache_policy.decide``; how an API's requests and answers look lives in ``wire`` and
-``streaming``; the store and the upstream client are passed in.
+``cache_policy.decide``; how an API's requests and answers look lives in its module in ``apis/``
+(the proxy calls ``apis.base.Api`` and names no API); the store and the upstream client are
+passed in.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import json
 import logging
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterable, Iterator
 
 from flask import Request, Response
 
-from cache_policy import Decision, decide, forwarded_json, parse_request_controls, strip_proxy_controls
-from cache_policy import switch_value
+from apis import API_LIST, Api
+from cache_policy import Decision, canonical_json, decide, forwarded_json, hash_canonical
+from cache_policy import parse_request_controls, strip_proxy_controls, switch_value
 from cache_store import CacheStore, CachedEntry, NewEntry, StoreError
 from coalesce import Coalescer
 from config import Settings
@@ -26,11 +28,12 @@ from guard import body_too_large_message
 from images import with_image_references
 from key_partition import ClientPartitions, KeySecretError
 from metrics import RequestObserver
+from apis.base import environ_key
 from near_match import NearMatcher
 from recent_items import RecentItems
-from streaming import StreamCapture, expected_choice_count, replay
-from upstream import UpstreamClient, UpstreamStream, relayable_headers
-from wire import Endpoint, parse_request_json, uncacheable_reason, wants_stream, wants_usage
+from streaming import SseCapture
+from upstream import UpstreamClient, UpstreamStream, UpstreamTarget, relayable_headers
+from wire import parse_request_json
 
 log = logging.getLogger("computer_use_cache.proxy")
 
@@ -134,12 +137,22 @@ class KnownRequest:
 
     key: str
     stream: bool
-    include_usage: bool
+    variant: Hashable
+
+
+@dataclass(frozen=True)
+class ApiSetup:
+    """What the settings make of one API, worked out once: where its misses go, whether client
+    keys partition its cache, and the request headers (as environ keys) its decision depends on."""
+
+    target: UpstreamTarget
+    partitioned: bool
+    fingerprint_keys: tuple[str, ...]
 
 
 class CompletionProxy:
     def __init__(self, settings: Settings, store: CacheStore, upstream: UpstreamClient,
-                 coalescer: Coalescer | None):
+                 coalescer: Coalescer | None, apis: Iterable[Api] = API_LIST):
         self.settings = settings
         self.store = store
         self.upstream = upstream
@@ -147,38 +160,44 @@ class CompletionProxy:
         self.observer = RequestObserver()  # create_app puts its metrics.Monitor here
         self.partitions = ClientPartitions(settings, store.partition_secret)
         self.near = NearMatcher(settings, store)
+        self.setups = {api.mode: self._setup(api) for api in apis}
         # Rendered replays, keyed by entry version, so a re-stored entry is never served
         # stale; a deleted entry is never reached because the store lookup comes first.
         self._replays = RecentItems(256)
         # (mode, sha256 of the body bytes) -> KnownRequest, for cacheable requests only.
         self._known = RecentItems(4096)
 
+    def _setup(self, api: Api) -> ApiSetup:
+        target = api.upstream_target(self.settings)
+        partitioned = not target.api_key and not self.settings.cache_share_across_keys
+        headers = api.key_headers + (api.client_key_headers if partitioned else ())
+        return ApiSetup(target, partitioned, tuple(environ_key(name) for name in headers))
+
     # -- entry point ----------------------------------------------------------------------------
 
-    def handle(self, endpoint: Endpoint, request: Request) -> Response:
-        fingerprint = self.fingerprint(endpoint, request.get_data(), request.environ)
-        hit = self.known_hit(endpoint, fingerprint)
+    def handle(self, api: Api, request: Request) -> Response:
+        fingerprint = self.fingerprint(api, request.get_data(), request.environ)
+        hit = self.known_hit(api, fingerprint)
         if hit is not None:
             self.observer.request_model(hit.model)
             return hit.response()
         body = parse_json_body(request)
         self.observer.request_body(body)
-        endpoint.validate(body)
-        decision = self._decide(endpoint, body, request)
-        stream = wants_stream(body)
-        include_usage = wants_usage(body)
+        api.validate(body)
+        decision = self._decide(api, body, request)
+        stream = api.wants_stream(body)
+        variant = api.replay_variant(body)
         if decision.read:
             if fingerprint is not None:
-                self._known.put(fingerprint, KnownRequest(decision.key, stream, include_usage))
+                self._known.put(fingerprint, KnownRequest(decision.key, stream, variant))
             entry = self._lookup(decision.key, decision.max_age)
             if entry is not None:
-                hit = self._answer_hit(endpoint, entry, Outcome("HIT", decision.key), stream,
-                                       include_usage)
+                hit = self._answer_hit(api, entry, Outcome("HIT", decision.key), stream, variant)
                 if hit is not None:
                     return hit.response()
             decision = self._unless_unavailable(decision)
             if decision.read and decision.near is not None:
-                hit = self._near_hit(endpoint, decision, stream, include_usage)
+                hit = self._near_hit(api, decision, stream, variant)
                 if hit is not None:
                     return hit.response()
         flight = None
@@ -194,29 +213,57 @@ class CompletionProxy:
             entry = self._lookup(decision.key, decision.max_age) if decision.read else None
             if entry is not None:
                 outcome = Outcome("HIT", decision.key, coalesced=flight is None)
-                hit = self._answer_hit(endpoint, entry, outcome, stream, include_usage)
+                hit = self._answer_hit(api, entry, outcome, stream, variant)
                 if hit is not None:
                     if flight is not None:
                         flight.release()
                     return hit.response()
         try:
             if stream:
-                response = self._forward_stream(endpoint, body, request, decision, flight)
+                response = self._forward_stream(api, body, request, decision, flight)
                 if flight is not None:
                     # The stream releases it once stored; this covers answers that never
                     # became a stream (an upstream error) and clients that leave early.
                     response.call_on_close(flight.release)
                 flight = None
                 return response
-            return self._forward(endpoint, body, request, decision)
+            return self._forward(api, body, request, decision)
         finally:
             if flight is not None:
                 flight.release()
 
-    def fingerprint(self, endpoint: Endpoint, body: bytes,
+    def retrieve(self, api: Api, item_id: str, request: Request) -> Response:
+        """GET of a stored answer by its id (``Api.retrieval_routes``): from the store within the
+        caller's partition and namespace, else (or when the caller wants it fresh) the upstream's."""
+        controls = parse_request_controls(request.headers)
+        partition, unavailable = self._partition(api, request.headers)
+        wants_fresh = controls.no_cache or switch_value(request.headers.get("X-Cache-Bypass", "0"))
+        key, _ = retrieval_key(api, item_id, partition, controls.namespace)
+        if not (unavailable or wants_fresh or request.query_string):
+            entry = self._lookup(key, controls.max_age)
+            if entry is not None:
+                hit = self._answer_hit(api, entry, Outcome("HIT", key), False, None)
+                if hit is not None:
+                    self.observer.request_model(hit.model)
+                    return hit.response()
+        return self.forward_uncached(api, api.retrieval_path(item_id), request, reason="not a stored answer")
+
+    def forward_uncached(self, api: Api, upstream_path: str, request: Request,
+                         reason: str = "this route is not cached") -> Response:
+        """A request of the API that is never cached, passed to its upstream as sent (its query
+        string too: Claude Code counts tokens with ``?beta=true``)."""
+        if request.query_string:
+            upstream_path += "?" + request.query_string.decode("latin-1")
+        reply = self.upstream.request(request.method, upstream_path, request.headers,
+                                      request.get_data(), self.setups[api.mode].target)
+        outcome = Outcome("BYPASS", None, reason=reason)
+        return self._relay(reply.body, reply.status, relayable_headers(reply.headers), outcome)
+
+    def fingerprint(self, api: Api, body: bytes,
                     environ: dict[str, Any]) -> tuple[str, bytes] | None:
         """What identifies a request's decision without parsing it: the mode, the exact body
-        bytes and (when the cache is partitioned by client key) the Authorization header.
+        bytes, the API's key headers and (when its cache is partitioned by client key) the
+        client's key headers.
 
         None for requests that carry per-request cache headers: they take the full path.
         Worked out once per request: the known-hit lane and the Flask path share it (environ).
@@ -226,14 +273,13 @@ class CompletionProxy:
         fingerprint = None
         if not any(name in environ for name in _CONTROL_HEADER_KEYS):
             digest = hashlib.sha256(body)
-            if self.partitions.enabled:
-                authorization = environ.get("HTTP_AUTHORIZATION", "")
-                digest.update(b"\0" + authorization.encode("utf-8", "surrogateescape"))
-            fingerprint = endpoint.mode, digest.digest()
+            for name in self.setups[api.mode].fingerprint_keys:
+                digest.update(b"\0" + environ.get(name, "").encode("utf-8", "surrogateescape"))
+            fingerprint = api.mode, digest.digest()
         environ[_FINGERPRINT_ENVIRON] = fingerprint
         return fingerprint
 
-    def known_hit(self, endpoint: Endpoint, fingerprint: tuple[str, bytes] | None) -> StoredReply | None:
+    def known_hit(self, api: Api, fingerprint: tuple[str, bytes] | None) -> StoredReply | None:
         """The stored answer for request bytes seen before, found without parsing them again;
         None when they are new (or their entry is gone): the full path then decides."""
         known = self._known.get(fingerprint) if fingerprint is not None else None
@@ -242,29 +288,37 @@ class CompletionProxy:
         entry = self._lookup(known.key)
         if entry is None:
             return None
-        return self._answer_hit(endpoint, entry, Outcome("HIT", known.key), known.stream,
-                                known.include_usage)
+        return self._answer_hit(api, entry, Outcome("HIT", known.key), known.stream, known.variant)
 
-    def _decide(self, endpoint: Endpoint, body: dict, request: Request) -> Decision:
-        """``decide`` for this client's partition of the cache; a BYPASS, with the reason, while
-        the database or the partition secret cannot be used."""
-        unavailable = None
+    def _partition(self, api: Api, headers) -> tuple[str | None, str | None]:
+        """(this client's partition of the API's cache, or None; why the cache is unusable, or None)."""
+        if not self.setups[api.mode].partitioned:
+            return None, None
         try:
-            partition = self.partitions.partition_for(request.headers.get("Authorization"))
+            return self.partitions.partition_for(api.client_key(headers)), None
         except KeySecretError as exc:
-            partition, unavailable = None, str(exc)
+            return None, str(exc)
+
+    def _decide(self, api: Api, body: dict, request: Request) -> Decision:
+        """``decide`` for this client's partition of the cache; a BYPASS, with the reason, while
+        the database or the partition secret cannot be used, or when the API says so."""
+        partition, unavailable = self._partition(api, request.headers)
         decision = decide(
-            self.settings, endpoint.mode, body,
+            self.settings, api.mode, body,
             bypass_header=switch_value(request.headers.get("X-Cache-Bypass", "0")),
             partition=partition,
             controls=parse_request_controls(request.headers),
-            images=endpoint.inline_images(body),
+            images=api.inline_images(body),
+            key_extra=api.key_extra(body, request.headers),
         )
         if decision.bypass:
             return decision
+        api_reason = api.bypass_reason(body)
+        if api_reason:
+            return replace(decision, read=False, write=False, reason=api_reason)
         decision = self._unless_unavailable(decision, unavailable)
         if decision.match == "near" and not decision.bypass:
-            decision = replace(decision, near=self.near.request(endpoint, body, decision, partition))
+            decision = replace(decision, near=self.near.request(api, body, decision, partition))
         return decision
 
     def _unless_unavailable(self, decision: Decision, unavailable: str | None = None) -> Decision:
@@ -294,8 +348,8 @@ class CompletionProxy:
                 "cache lookup failed, answering without the cache: %s", exc)
             return None
 
-    def _near_hit(self, endpoint: Endpoint, decision: Decision, stream: bool,
-                  include_usage: bool) -> StoredReply | None:
+    def _near_hit(self, api: Api, decision: Decision, stream: bool,
+                  variant: Hashable) -> StoredReply | None:
         """The closest stored answer near matching finds for a request that missed exactly,
         headed with that entry's key and ``...-Match: near``; None when there is none."""
         try:
@@ -305,14 +359,13 @@ class CompletionProxy:
             return None
         if entry is None:
             return None
-        return self._answer_hit(endpoint, entry, Outcome("HIT", entry.key, match="near"), stream,
-                                include_usage)
+        return self._answer_hit(api, entry, Outcome("HIT", entry.key, match="near"), stream, variant)
 
-    def _answer_hit(self, endpoint: Endpoint, entry: CachedEntry, outcome: Outcome,
-                    stream: bool, include_usage: bool) -> StoredReply | None:
+    def _answer_hit(self, api: Api, entry: CachedEntry, outcome: Outcome,
+                    stream: bool, variant: Hashable) -> StoredReply | None:
         """The stored answer, as JSON or replayed as a stream; None if the row is unreadable."""
         if stream:
-            events = self._replayed(endpoint, entry, include_usage)
+            events = self._replayed(api, entry, variant)
             if events is None:
                 return None
             self.store.record_hit(entry.key)
@@ -330,15 +383,15 @@ class CompletionProxy:
         self.store.record_hit(entry.key)
         return StoredReply(body, JSON_CONTENT_TYPE, outcome.headers(), entry.model)
 
-    def _replayed(self, endpoint: Endpoint, entry: CachedEntry, include_usage: bool) -> bytes | None:
+    def _replayed(self, api: Api, entry: CachedEntry, variant: Hashable) -> bytes | None:
         """The SSE bytes of a stored answer, rendered once per entry version and kept a while."""
-        version = (entry.key, entry.updated_at, endpoint.mode, include_usage)
+        version = (entry.key, entry.updated_at, api.mode, variant)
         events = self._replays.get(version)
         if events is None:
             completion = _parse_stored(entry)
-            if completion is None:
+            if not isinstance(completion, dict):
                 return None
-            events = b"".join(replay(endpoint.mode, completion, include_usage))
+            events = b"".join(api.replay(completion, variant))
             self._replays.put(version, events)
         return events
 
@@ -353,9 +406,10 @@ class CompletionProxy:
         # json.dumps(forwarded, ensure_ascii=False), with the screenshot fast path (~4x at 400 KB)
         return forwarded_json(forwarded).encode("utf-8", "surrogatepass")
 
-    def _forward(self, endpoint: Endpoint, body: dict, request: Request, decision: Decision) -> Response:
-        reply = self.upstream.request("POST", endpoint.upstream_path, request.headers,
-                                      self._upstream_body(request, body))
+    def _forward(self, api: Api, body: dict, request: Request, decision: Decision) -> Response:
+        reply = self.upstream.request("POST", api.upstream_path, request.headers,
+                                      self._upstream_body(request, body),
+                                      self.setups[api.mode].target)
         outcome = self._initial_outcome(decision)
         passthrough = relayable_headers(reply.headers)
         if not 200 <= reply.status < 300:
@@ -367,7 +421,7 @@ class CompletionProxy:
             outcome = Outcome("BYPASS", decision.key, reason="upstream response was not JSON")
             return self._relay(reply.body, reply.status, passthrough, outcome)
         if decision.write:
-            outcome.store = self._store(endpoint, body, decision, data, reply.body.decode("utf-8", "replace").strip())
+            outcome.store = self._store(api, body, decision, data, reply.body.decode("utf-8", "replace").strip())
         if self.settings.include_cache_metadata and isinstance(data, dict):
             return self._relay(with_metadata(data, outcome), reply.status, passthrough, outcome)
         return self._relay(reply.body, reply.status, passthrough, outcome)
@@ -383,9 +437,9 @@ class CompletionProxy:
         response = Response(data, status=status, headers={**passthrough, **outcome.headers()})
         return response
 
-    def _store(self, endpoint: Endpoint, body: dict, decision: Decision, data: Any, text: str) -> str:
+    def _store(self, api: Api, body: dict, decision: Decision, data: Any, text: str) -> str:
         """Store one complete answer; returns the store outcome for the headers."""
-        reason = uncacheable_reason(data)
+        reason = api.uncacheable_reason(data)
         if reason:
             return f"skipped: {reason}"
         if len(text) > self.settings.cache_max_response_chars:
@@ -394,19 +448,28 @@ class CompletionProxy:
         canonical = with_image_references(decision.canonical, decision.images, decision.plain_strings)
         request_json = canonical[:-1] + f',"cache_key":"{decision.key}"}}'
         near = decision.near.record() if decision.near is not None else None
+        model = str(body.get("model"))
         try:
-            return self.store.put(NewEntry(decision.key, endpoint.mode, str(body.get("model")),
-                                           _storable(request_json), _storable(text),
-                                           **self.observer.entry_figures(data)),
-                                  ttl_seconds=decision.ttl_seconds, namespace=decision.namespace,
-                                  near=near)
+            figures = self.observer.entry_figures(api.usage_figures(data), body.get("model"))
+            outcome = self.store.put(NewEntry(decision.key, api.mode, model, _storable(request_json),
+                                              _storable(text), **figures),
+                                     ttl_seconds=decision.ttl_seconds, namespace=decision.namespace,
+                                     near=near)
+            for item_id in api.retrieval_ids(data):
+                # The same answer under its id, in the same partition and namespace: a
+                # retrieval saves no tokens, so it carries no figures.
+                key, canonical = retrieval_key(api, item_id, decision.partition, decision.namespace)
+                retrieval_json = canonical[:-1] + f',"cache_key":"{key}"}}'
+                self.store.put(NewEntry(key, api.mode, model, _storable(retrieval_json), _storable(text)),
+                               ttl_seconds=decision.ttl_seconds, namespace=decision.namespace)
+            return outcome
         except StoreError as exc:
             log.warning("cache write failed: %s", exc)
             return f"skipped: cache write failed: {exc}"
 
     # -- streamed misses ------------------------------------------------------------------------
 
-    def _forward_stream(self, endpoint: Endpoint, body: dict, request: Request, decision: Decision,
+    def _forward_stream(self, api: Api, body: dict, request: Request, decision: Decision,
                         flight) -> Response:
         """A streamed miss: relayed event by event as it arrives, stored once it proved whole.
 
@@ -418,20 +481,21 @@ class CompletionProxy:
         handed_over = False
         try:
             # To store usage with the answer the proxy asks for it; a client that did not ask
-            # never sees it (StreamCapture takes it out again).
-            ask_usage = decision.write and not wants_usage(body)
-            upstream = self._open_stream(endpoint, body, request, ask_usage)
+            # never sees it (the capture takes it out again).
+            usage_request = api.usage_request(body) if decision.write else None
+            ask_usage = usage_request is not None
+            upstream = self._open_stream(api, body, request, usage_request)
             cleanup.stream = upstream
             if ask_usage and upstream.status == 400:
                 error = upstream.read_all()
-                if b"stream_options" not in error:
+                if (api.usage_option or "").encode() not in error:
                     return self._relay(error, upstream.status, relayable_headers(upstream.headers),
                                        Outcome("BYPASS", decision.key, reason="upstream returned an error"))
                 # An upstream that rejects stream_options gets the client's own request instead.
-                log.info("upstream rejected stream_options; asking again without it")
+                log.info("upstream rejected %s; asking again without it", api.usage_option)
                 cleanup.close_stream()
                 ask_usage = False
-                upstream = self._open_stream(endpoint, body, request, ask_usage)
+                upstream = self._open_stream(api, body, request, None)
                 cleanup.stream = upstream
             passthrough = relayable_headers(upstream.headers)
             if not 200 <= upstream.status < 300:
@@ -441,7 +505,7 @@ class CompletionProxy:
                 outcome = Outcome("BYPASS", decision.key, reason="upstream did not answer with a stream")
                 return self._relay(upstream.read_all(), upstream.status, passthrough, outcome)
             passthrough = {k: v for k, v in passthrough.items() if k.lower() != "content-type"}
-            events = self._relay_stream(endpoint, body, decision, upstream, ask_usage, cleanup)
+            events = self._relay_stream(api, body, decision, upstream, ask_usage, cleanup)
             response = Response(events, status=upstream.status, content_type=SSE_CONTENT_TYPE,
                                 headers={**passthrough, **SSE_HEADERS,
                                          **self._initial_outcome(decision).headers()})
@@ -453,18 +517,17 @@ class CompletionProxy:
             if not handed_over:
                 cleanup()
 
-    def _open_stream(self, endpoint: Endpoint, body: dict, request: Request, ask_usage: bool) -> UpstreamStream:
-        extra = None
-        if ask_usage:
-            extra = {"stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-        return self.upstream.open("POST", endpoint.upstream_path, request.headers,
-                                  self._upstream_body(request, body, extra))
+    def _open_stream(self, api: Api, body: dict, request: Request, extra: dict | None) -> UpstreamStream:
+        return self.upstream.open("POST", api.upstream_path, request.headers,
+                                  self._upstream_body(request, body, extra),
+                                  self.setups[api.mode].target)
 
-    def _relay_stream(self, endpoint: Endpoint, body: dict, decision: Decision,
-                      upstream: UpstreamStream, drop_usage_chunk: bool, cleanup: "_Cleanup") -> Iterator[bytes]:
-        """Each upstream piece goes to the client at once; the answer is stored when [DONE] arrives,
-        before [DONE] itself is sent, so a client that asks again right away gets a hit."""
-        capture = StreamCapture(endpoint.mode, drop_usage_chunk=drop_usage_chunk)
+    def _relay_stream(self, api: Api, body: dict, decision: Decision,
+                      upstream: UpstreamStream, drop_usage: bool, cleanup: "_Cleanup") -> Iterator[bytes]:
+        """Each upstream piece goes to the client at once; the answer is stored when the terminal
+        event ([DONE], message_stop...) arrives, before that event itself is sent, so a client
+        that asks again right away gets a hit."""
+        capture = api.capture(body, drop_usage)
         settled = False
 
         def settle() -> None:
@@ -473,7 +536,7 @@ class CompletionProxy:
                 settled = True
                 if decision.write:
                     try:
-                        self._store_stream(endpoint, body, decision, capture)
+                        self._store_stream(api, body, decision, capture)
                     except Exception:  # the client's stream must not die for the cache's sake
                         log.exception("stream %s not stored: storing failed", decision.key[:12])
                 cleanup.release_flight()
@@ -494,7 +557,7 @@ class CompletionProxy:
                 out = capture.fail("The proxy failed while relaying the stream.", code="proxy_stream_failed")
             settle()
             if decision.write and not capture.done:
-                log.info("stream %s not stored: it ended before [DONE]", decision.key[:12])
+                log.info("stream %s not stored: it ended before its last event", decision.key[:12])
             if out:
                 yield out
         except GeneratorExit:
@@ -504,24 +567,30 @@ class CompletionProxy:
         finally:
             cleanup()
 
-    def _store_stream(self, endpoint: Endpoint, body: dict, decision: Decision,
-                      capture: StreamCapture) -> None:
+    def _store_stream(self, api: Api, body: dict, decision: Decision, capture: SseCapture) -> None:
         completion = capture.completion()
         if completion is None:
             log.info("stream %s not stored: incomplete or carried an error", decision.key[:12])
             return
-        expected = expected_choice_count(endpoint.mode, body)
-        if expected is not None and len(completion["choices"]) != expected:
-            log.info("stream %s not stored: %d choices, the request asked for %d", decision.key[:12],
-                     len(completion["choices"]), expected)
+        refusal = api.assembled_refusal(body, completion)
+        if refusal:
+            log.info("stream %s not stored: %s", decision.key[:12], refusal)
             return
         text = json.dumps(completion, ensure_ascii=False)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate from a \u escape: keep it escaped
             text = json.dumps(completion)
-        outcome = self._store(endpoint, body, decision, completion, text)
+        outcome = self._store(api, body, decision, completion, text)
         log.info("stream %s store: %s", decision.key[:12], outcome)
+
+
+def retrieval_key(api: Api, item_id: str, partition: str | None,
+                  namespace: str | None) -> tuple[str, str]:
+    """(key, canonical text) of a stored answer's retrieval entry. Its mode ("<mode>.retrieve")
+    is no request body's, so no request can reach it, nor it a request's entry."""
+    canonical = canonical_json({"id": item_id, "mode": f"{api.mode}.retrieve"})
+    return hash_canonical(canonical, partition, namespace), canonical
 
 
 def with_metadata(completion: dict, outcome: Outcome) -> bytes:

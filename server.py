@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import WSGIRequestHandler
 
 import guard
+from apis import API_LIST, Api
 from access_log import AccessLog
 from cache_store import CacheStore, SQLiteStore, StoreError
 from cli import cache_cli
@@ -31,12 +32,10 @@ from dashboard import register_dashboard
 from errors import ApiError, AuthenticationFailed, InvalidRequest, MethodNotAllowed, NotFound
 from errors import PayloadTooLarge
 from errors import ServiceUnavailable
-from errors import error_body
 from fast_lane import KnownHitLane
 from metrics import Monitor
 from proxy import MATCH_HEADER, CompletionProxy, cache_headers
 from upstream import UpstreamClient, bearer_token, relayable_headers
-from wire import CHAT, CHAT_ROUTES, COMPLETION, COMPLETION_ROUTES, MODEL_ROUTES
 
 log = logging.getLogger("computer_use_cache")
 
@@ -44,11 +43,15 @@ EXTENSION = "computer_use_cache"
 STARTED = "computer_use_cache.started"  # the request's start time, kept in its WSGI environ
 STATUS_HEADER, KEY_HEADER = "X-Computer-Use-Cache", "X-Computer-Use-Cache-Key"
 COALESCED_HEADER = "X-Computer-Use-Cache-Coalesced"
-COMPLETION_ENDPOINTS = ("chat:", "completion:")  # endpoint names of the completion routes
+API_ENDPOINTS = tuple(f"{api.mode}:" for api in API_LIST)  # endpoint names of the API routes
+API_BY_ROUTE = {route: api for api in API_LIST for route in (*api.routes, *api.forwarded_routes)}
+MODEL_ROUTES = ("/v1/models", "/models", "/api/v1/models")
 ROOT_ENDPOINTS = ["/v1/chat/completions", "/chat/completions", "/v1/completions", "/v1/models",
                   "/cache/stats"]
 CORS_ALLOW_HEADERS = ("Authorization, Content-Type, X-Cache-Bypass, X-Cache-Admin-Token, "
-                      "Cache-Control, X-Cache-TTL, X-Cache-Namespace, X-Cache-Match")
+                      "Cache-Control, X-Cache-TTL, X-Cache-Namespace, X-Cache-Match, "
+                      # What Anthropic's browser clients send.
+                      "X-Api-Key, Anthropic-Version, Anthropic-Beta, Anthropic-Dangerous-Direct-Browser-Access")
 CORS_EXPOSE_HEADERS = ", ".join(
     f"{prefix}{suffix}"
     for prefix in ("X-Computer-Use-Cache", "X-Code-Model-Cache")
@@ -105,11 +108,19 @@ def create_app(settings: Settings | None = None, *, store: CacheStore | None = N
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1
     app.extensions[EXTENSION] = proxy
 
-    for route in CHAT_ROUTES:
-        app.add_url_rule(route, f"chat:{route}", lambda: proxy.handle(CHAT, request), methods=["POST"])
-    for route in COMPLETION_ROUTES:
-        app.add_url_rule(route, f"completion:{route}", lambda: proxy.handle(COMPLETION, request),
-                         methods=["POST"])
+    for api in API_LIST:
+        view = api_view(proxy, api)
+        for route in api.routes:
+            app.add_url_rule(route, f"{api.mode}:{route}", view, methods=["POST"])
+        for route in api.retrieval_routes:
+            app.add_url_rule(route, f"retrieve:{route}", retrieve_view(proxy, api), methods=["GET"])
+            # The rest of an item's routes (DELETE, cancel, input_items) go upstream uncached.
+            app.add_url_rule(route, f"item:{route}", item_view(proxy, api), methods=["DELETE"])
+            app.add_url_rule(route + "/<path:action>", f"item:{route}/", item_view(proxy, api),
+                             methods=["GET", "POST"])
+        for route, upstream_path in api.forwarded_routes.items():
+            app.add_url_rule(route, f"forward:{route}", forward_view(proxy, api, upstream_path),
+                             methods=["POST"])
 
     def models() -> Response:
         reply = upstream.request("GET", "/models", request.headers)
@@ -167,6 +178,29 @@ def create_app(settings: Settings | None = None, *, store: CacheStore | None = N
     monitor.register(app, lambda: require_admin(settings))
     register_dashboard(app, store, lambda: require_admin(settings))
     return app
+
+
+def api_view(proxy: CompletionProxy, api: Api):
+    """The view of one API's routes: the proxy's cache flow for that API."""
+    return lambda: proxy.handle(api, request)
+
+
+def retrieve_view(proxy: CompletionProxy, api: Api):
+    """The view of an API's retrieval routes: a stored answer by its id, else the upstream's."""
+    return lambda item_id: proxy.retrieve(api, item_id, request)
+
+
+def item_view(proxy: CompletionProxy, api: Api):
+    """The view of an item's other routes (``DELETE <id>``, ``<id>/cancel``, ...): forwarded."""
+    def view(item_id: str, action: str = "") -> Response:
+        path = api.retrieval_path(item_id) + (f"/{action}" if action else "")
+        return proxy.forward_uncached(api, path, request)
+    return view
+
+
+def forward_view(proxy: CompletionProxy, api: Api, upstream_path: str):
+    """The view of a route an API forwards without caching (Anthropic's token counting)."""
+    return lambda: proxy.forward_uncached(api, upstream_path, request)
 
 
 # -- /cache/entries: browse, inspect and delete single entries (admin) ---------------------------
@@ -265,10 +299,16 @@ def require_admin(settings: Settings) -> None:
         raise AuthenticationFailed("Invalid cache admin token.")
 
 
+def error_json(error: ApiError) -> bytes:
+    """The error in the shape of the API whose route was asked for (OpenAI's elsewhere)."""
+    api = API_BY_ROUTE.get(request.path)
+    return error.json_bytes() if api is None else json.dumps(api.error_body(error)).encode()
+
+
 def error_response(error: ApiError) -> Response:
-    response = Response(error.json_bytes(), status=error.status, mimetype="application/json",
+    response = Response(error_json(error), status=error.status, mimetype="application/json",
                         headers=error.headers)
-    if request.path.endswith("completions"):
+    if request.path in API_BY_ROUTE:
         response.headers.update(cache_headers("BYPASS", reason=error.message))
     return response
 
@@ -322,9 +362,10 @@ def register_http_behaviour(app: Flask, settings: Settings, monitor: Monitor,
         key = headers.get(KEY_HEADER)
         if started is None:  # the request failed before the hook ran
             started = time.perf_counter()
-        elif cache is not None and rule is not None and rule.endpoint.startswith(COMPLETION_ENDPOINTS):
+        elif cache is not None and rule is not None and rule.endpoint.startswith(API_ENDPOINTS):
             monitor.count_response(route, cache, key, COALESCED_HEADER in headers,
                                    time.perf_counter() - started, monitor.current_model(),
+                                   rule.endpoint.split(":", 1)[0],
                                    near=headers.get(MATCH_HEADER) == "near")
         method, status = request.method, response.status_code
 
@@ -359,8 +400,9 @@ def register_http_behaviour(app: Flask, settings: Settings, monitor: Monitor,
         log.error("unexpected %s on %s %s\n%s", type(error).__name__, request.method,
                   request.url_rule.rule if request.url_rule else "(no route)",
                   "".join(traceback.format_tb(error.__traceback__)).rstrip())
-        body = error_body("The cache server failed unexpectedly.", "server_error", "internal_error")
-        return jsonify(body), 500
+        failure = ApiError("The cache server failed unexpectedly.", status=500, code="internal_error")
+        failure.type = "server_error"
+        return Response(error_json(failure), status=500, mimetype="application/json")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,10 +210,57 @@ def _m005_near_index(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE model_stats ADD COLUMN near_hits INTEGER NOT NULL DEFAULT 0")
 
 
+def _m006_api_stats(db: sqlite3.Connection) -> None:
+    """Figures per API (an entry's ``mode``), kept like the per-model ones, and entries whose
+    cost the price table could not give (``unpriced``), whose hits are counted apart.
+
+    They count from this migration on (the totals and the per-model rows keep their history).
+    """
+    columns = {row[1] for row in db.execute("PRAGMA table_info(completions)")}
+    if "unpriced" not in columns:
+        db.execute("ALTER TABLE completions ADD COLUMN unpriced INTEGER NOT NULL DEFAULT 0")
+    db.execute("INSERT OR IGNORE INTO cache_counters(name, value) VALUES ('unpriced_hits', 0)")
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS api_stats (
+            api TEXT PRIMARY KEY,
+            hits INTEGER NOT NULL DEFAULT 0,
+            misses INTEGER NOT NULL DEFAULT 0,
+            bypasses INTEGER NOT NULL DEFAULT 0,
+            coalesced INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens_saved INTEGER NOT NULL DEFAULT 0,
+            completion_tokens_saved INTEGER NOT NULL DEFAULT 0,
+            cost_saved_usd REAL NOT NULL DEFAULT 0,
+            time_saved_seconds REAL NOT NULL DEFAULT 0,
+            unpriced_hits INTEGER NOT NULL DEFAULT 0
+        )"""
+    )
+    db.execute(
+        """CREATE TRIGGER IF NOT EXISTS completions_api_savings AFTER UPDATE OF hits ON completions
+        WHEN NEW.hits > OLD.hits BEGIN
+            UPDATE cache_counters SET value = value + (NEW.hits - OLD.hits) * NEW.unpriced
+                WHERE name = 'unpriced_hits';
+            INSERT INTO api_stats(api, hits, prompt_tokens_saved, completion_tokens_saved,
+                                  cost_saved_usd, time_saved_seconds, unpriced_hits)
+            VALUES (NEW.mode, NEW.hits - OLD.hits, (NEW.hits - OLD.hits) * NEW.prompt_tokens,
+                    (NEW.hits - OLD.hits) * NEW.completion_tokens,
+                    (NEW.hits - OLD.hits) * NEW.cost_usd, (NEW.hits - OLD.hits) * NEW.upstream_seconds,
+                    (NEW.hits - OLD.hits) * NEW.unpriced)
+            ON CONFLICT(api) DO UPDATE SET
+                hits = hits + excluded.hits,
+                prompt_tokens_saved = prompt_tokens_saved + excluded.prompt_tokens_saved,
+                completion_tokens_saved = completion_tokens_saved + excluded.completion_tokens_saved,
+                cost_saved_usd = cost_saved_usd + excluded.cost_saved_usd,
+                time_saved_seconds = time_saved_seconds + excluded.time_saved_seconds,
+                unpriced_hits = unpriced_hits + excluded.unpriced_hits;
+        END"""
+    )
+
+
 MIGRATIONS: tuple[tuple[int, str, Callable[[sqlite3.Connection], None]], ...] = (
     (1, "initial", _m001_initial),
     (2, "counters", _m002_counters),
     (3, "stats", _m003_stats),
     (4, "bounded_store", _m004_bounded_store),
     (5, "near_index", _m005_near_index),
+    (6, "api_stats", _m006_api_stats),
 )

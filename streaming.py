@@ -1,18 +1,19 @@
-"""Server-sent events for chat and legacy completions: replaying a stored answer, capturing a live one.
+"""Server-sent events: the pieces every API's replay and capture share, and OpenAI-style chunk streams.
 
-``replay`` turns one stored completion into the chunk stream an official SDK accumulates back into
-exactly that completion. ``StreamCapture`` passes a live upstream stream through event by event
-while assembling the completion to store, and knows whether the stream ended cleanly.
-See ../shared/WIRE.md for the formats; the accumulation rules mirror the openai SDKs'
-(``openai/lib/streaming/chat/_completions.py``): strings are concatenated, so anything sent twice
-(``role``, a tool call's ``id`` or ``name``) would come back doubled.
+``SseCapture`` passes a live upstream stream through event by event while an API's subclass
+assembles the answer to store, and knows whether the stream ended cleanly. ``StreamCapture`` is
+the OpenAI-style one (``data:`` chunks, ``[DONE]``), used by chat and legacy completions with
+their assemblers (``apis/chat.py``, ``apis/completions.py``), which fold chunks the way the
+openai SDKs do (``openai/lib/streaming/chat/_completions.py``): strings are concatenated, so
+anything sent twice (``role``, a tool call's ``id`` or ``name``) would come back doubled.
+See ../shared/WIRE.md for the formats.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterator
+from typing import Any, Callable
 
 DONE_EVENT = b"data: [DONE]\n\n"
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -21,19 +22,15 @@ _DECODER = json.JSONDecoder()
 
 # Top-level completion fields that are not repeated on every chunk: the rest (id, created, model,
 # system_fingerprint, service_tier, provider, ...) are. ``obfuscation`` is OpenAI's per-chunk padding.
-_NOT_CHUNK_HEADER = frozenset({"object", "choices", "usage", "obfuscation"})
+NOT_CHUNK_HEADER = frozenset({"object", "choices", "usage", "obfuscation"})
 
 # Replayed text is cut into at most this many pieces: enough to look like a stream, few enough
 # to stay cheap. A client cannot tell, since accumulation concatenates them.
 _MAX_PIECES = 8
 _MIN_PIECE_CHARS = 16
 
-# Message fields replay sends in pieces (in this order: providers stream reasoning first).
-_TEXT_FIELDS = ("reasoning", "content", "refusal")
-_MESSAGE_FIELDS_STREAMED = frozenset({"role", "tool_calls", "function_call", "reasoning_details",
-                                      *_TEXT_FIELDS})
 # Choice fields that are not "extras" riding along with a choice (native_finish_reason is one).
-_CHOICE_FIELDS = frozenset({"index", "message", "delta", "text", "logprobs", "finish_reason"})
+CHOICE_FIELDS = frozenset({"index", "message", "delta", "text", "logprobs", "finish_reason"})
 # Inside merged objects (tool calls, reasoning_details, audio) these strings name, they don't grow.
 _SET_ONCE_KEYS = frozenset({"index", "type", "id", "name", "format"})
 
@@ -65,16 +62,16 @@ def split_text(text: str) -> list[str]:
 def _chunk_header(completion: dict, object_name: str) -> dict:
     header = {"id": completion.get("id"), "object": object_name}
     header.update((name, value) for name, value in completion.items()
-                  if name not in _NOT_CHUNK_HEADER and name != "id")
+                  if name not in NOT_CHUNK_HEADER and name != "id")
     return header
 
 
-def _choice_extras(choice: dict) -> dict:
+def choice_extras(choice: dict) -> dict:
     """Provider fields on a choice (OpenRouter's native_finish_reason)."""
-    return {name: value for name, value in choice.items() if name not in _CHOICE_FIELDS}
+    return {name: value for name, value in choice.items() if name not in CHOICE_FIELDS}
 
 
-def _sorted_choices(completion: dict) -> list[tuple[int, dict]]:
+def sorted_choices(completion: dict) -> list[tuple[int, dict]]:
     choices = [choice for choice in completion.get("choices") or [] if isinstance(choice, dict)]
     numbered = [(choice.get("index", position), choice) for position, choice in enumerate(choices)]
     return sorted(numbered, key=lambda item: item[0] if isinstance(item[0], int) else 0)
@@ -82,74 +79,7 @@ def _sorted_choices(completion: dict) -> list[tuple[int, dict]]:
 
 # -- replaying a stored completion --------------------------------------------------------------
 
-
-def _chat_deltas(choice: dict) -> Iterator[tuple[dict, Any]]:
-    """(delta, logprobs) pairs after the opening delta that rebuild one stored chat choice.
-
-    Logprobs ride on the first text piece, never on a choice's first chunk: the Python SDK copies
-    the first chunk's logprobs AND appends them again for a choice that is not in the first chunk.
-    """
-    message = choice.get("message") or {}
-    logprobs = choice.get("logprobs")
-    if message.get("reasoning_details") is not None:
-        yield {"reasoning_details": message["reasoning_details"]}, None
-    for name in _TEXT_FIELDS:
-        value = message.get(name)
-        for piece in split_text(value) if isinstance(value, str) else ():
-            if name == "reasoning":
-                yield {name: piece}, None
-            else:
-                yield {name: piece}, logprobs
-                logprobs = None
-    if logprobs is not None:
-        yield {}, logprobs
-    tool_calls = message.get("tool_calls")
-    for position, call in enumerate(tool_calls if isinstance(tool_calls, list) else []):
-        yield from _tool_call_deltas(position, call)
-    function_call = message.get("function_call")
-    if isinstance(function_call, dict):
-        yield {"function_call": {"name": function_call.get("name"), "arguments": ""}}, None
-        for piece in split_text(function_call.get("arguments") or ""):
-            yield {"function_call": {"arguments": piece}}, None
-    for name, value in message.items():
-        # Provider extras (annotations, audio, images...) arrive whole in one delta.
-        if name not in _MESSAGE_FIELDS_STREAMED and value is not None and value != "":
-            yield {name: value}, None  # (null and "" went in the opening delta)
-
-
-def _tool_call_deltas(position: int, call: Any) -> Iterator[tuple[dict, Any]]:
-    """One opening delta (index, id, type, name, empty arguments), then argument pieces only.
-
-    The wire index is the call's position: the SDKs accumulate into ``tool_calls[index]``.
-    """
-    if not isinstance(call, dict):
-        return
-    function = call.get("function")
-    if call.get("type", "function") != "function" or not isinstance(function, dict):
-        yield {"tool_calls": [{**call, "index": position}]}, None  # custom tools: whole, once
-        return
-    opening = {"index": position, "id": call.get("id"), "type": "function",
-               "function": {"name": function.get("name"), "arguments": ""}}
-    opening.update((k, v) for k, v in call.items() if k not in ("index", "id", "type", "function"))
-    yield {"tool_calls": [opening]}, None
-    for piece in split_text(function.get("arguments") or ""):
-        yield {"tool_calls": [{"index": position, "function": {"arguments": piece}}]}, None
-
-
-def _chat_opening(message: dict) -> dict:
-    """role (once), the content seed, and every field the stored message has as null or ""."""
-    content = message.get("content")
-    opening: dict[str, Any] = {"role": message.get("role") or "assistant",
-                               "content": "" if isinstance(content, str) else None}
-    if isinstance(message.get("refusal"), str):
-        opening["refusal"] = ""
-    for name, value in message.items():
-        if name not in opening and (value is None or value == ""):
-            opening[name] = value
-    return opening
-
-
-class _ChunkFrame:
+class ChunkFrame:
     """The bytes of one chunk around its choice: the stored header fields (id, created, model,
     ...) are encoded once per replay, not once per chunk."""
 
@@ -163,69 +93,6 @@ class _ChunkFrame:
 
     def usage(self, usage: Any) -> bytes:
         return self.prefix + b'],"usage":' + json_bytes(usage) + b"}\n\n"
-
-
-def replay_chat(completion: dict, include_usage: bool) -> Iterator[bytes]:
-    frame = _ChunkFrame(completion, "chat.completion.chunk", include_usage)
-    for index, choice in _sorted_choices(completion):
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-        extras = _choice_extras(choice)
-        # The SDKs take a choice's extra fields from its first chunk only.
-        yield frame({"index": index, "delta": _chat_opening(message), "logprobs": None,
-                     "finish_reason": None, **extras})
-        for delta, logprobs in _chat_deltas(choice):
-            yield frame({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None})
-        yield frame({"index": index, "delta": {}, "logprobs": None,
-                     "finish_reason": choice.get("finish_reason"), **extras})
-    if include_usage and completion.get("usage") is not None:
-        yield frame.usage(completion["usage"])
-    yield DONE_EVENT
-
-
-def replay_text_completion(completion: dict, include_usage: bool) -> Iterator[bytes]:
-    frame = _ChunkFrame(completion, "text_completion", include_usage)
-    for index, choice in _sorted_choices(completion):
-        logprobs = choice.get("logprobs")
-        for piece in split_text(choice.get("text") or ""):
-            yield frame({"text": piece, "index": index, "logprobs": logprobs, "finish_reason": None})
-            logprobs = None
-        yield frame({"text": "", "index": index, "logprobs": logprobs,
-                     "finish_reason": choice.get("finish_reason"), **_choice_extras(choice)})
-    if include_usage and completion.get("usage") is not None:
-        yield frame.usage(completion["usage"])
-    yield DONE_EVENT
-
-
-def replay(mode: str, completion: dict, include_usage: bool) -> Iterator[bytes]:
-    """The SSE byte stream that rebuilds ``completion`` in any official client.
-
-    Chat: per choice, in ascending index order, an opening chunk with the role, text in a handful of
-    pieces, each tool call opened once then argument pieces, a finish chunk; then the usage chunk
-    only when ``include_usage``; then ``[DONE]``. Legacy completions the same with ``text`` pieces.
-    """
-    if mode == "completion":
-        return replay_text_completion(completion, include_usage)
-    return replay_chat(completion, include_usage)
-
-
-# -- capturing a live stream ------------------------------------------------------------------
-
-
-def expected_choice_count(mode: str, body: dict) -> int | None:
-    """How many choices a whole answer to ``body`` has (``n`` per prompt), None when unsure."""
-    n = body.get("n", 1)
-    if n is None:
-        n = 1
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        return None
-    if mode == "chat":
-        return n
-    prompt = body.get("prompt")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
-        return n
-    if isinstance(prompt, list) and all(isinstance(item, (str, list)) for item in prompt):
-        return n * len(prompt)
-    return None
 
 
 def merge_piece(target: dict, piece: dict) -> None:
@@ -280,11 +147,11 @@ def _merge_list(current: list, items: list) -> None:
         else:
             merge_piece(existing, item)
 
+class ChoicesAssembler:
+    """Folds OpenAI-style chunks (a ``choices`` list each) into one answer, as the SDKs do;
+    each API says how one choice grows (``_new_choice``, ``_add_choice``)."""
 
-class ChatAssembler:
-    """Folds chat.completion.chunk objects into one chat.completion, as the SDKs do."""
-
-    object_name = "chat.completion"
+    object_name = ""
 
     def __init__(self) -> None:
         self.top: dict[str, Any] = {}
@@ -293,7 +160,7 @@ class ChatAssembler:
 
     def add(self, chunk: dict) -> None:
         for name, value in chunk.items():
-            if name not in _NOT_CHUNK_HEADER and (value is not None or name not in self.top):
+            if name not in NOT_CHUNK_HEADER and (value is not None or name not in self.top):
                 self.top[name] = value
         if chunk.get("usage") is not None:
             self.usage = chunk["usage"]
@@ -309,28 +176,10 @@ class ChatAssembler:
             self._add_choice(index, piece)
 
     def _new_choice(self, index: int) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": None, "refusal": None},
-                "logprobs": None, "finish_reason": None}
+        raise NotImplementedError
 
     def _add_choice(self, index: int, piece: dict) -> None:
-        choice = self.choices.get(index)
-        if choice is None:
-            choice = self.choices[index] = self._new_choice(index)
-        message = choice["message"]
-        delta = piece.get("delta") or {}
-        for name, value in delta.items():
-            if name == "role":
-                if value:
-                    message["role"] = value
-            elif name == "tool_calls":
-                if value is not None:
-                    self._add_tool_calls(message, value)
-                else:
-                    message.setdefault(name, None)
-            else:
-                merge_piece(message, {name: value})
-        self._add_logprobs(choice, piece.get("logprobs"))
-        self._add_choice_fields(choice, piece)
+        raise NotImplementedError
 
     @staticmethod
     def _add_logprobs(choice: dict, logprobs: Any) -> None:
@@ -346,25 +195,10 @@ class ChatAssembler:
     @staticmethod
     def _add_choice_fields(choice: dict, piece: dict) -> None:
         for name, value in piece.items():
-            if name not in _CHOICE_FIELDS and (value is not None or name not in choice):
+            if name not in CHOICE_FIELDS and (value is not None or name not in choice):
                 choice[name] = value
         if piece.get("finish_reason") is not None:
             choice["finish_reason"] = piece["finish_reason"]
-
-    @staticmethod
-    def _add_tool_calls(message: dict, deltas: list) -> None:
-        calls = message.get("tool_calls")
-        if calls is None:
-            calls = message["tool_calls"] = []
-        for delta in deltas:
-            index = delta.get("index")
-            if not isinstance(index, int):
-                # Some providers omit the index and send each call whole: a new id is a new call.
-                same = calls and (not delta.get("id") or calls[-1].get("id") == delta.get("id"))
-                index = len(calls) - 1 if same else len(calls)
-            while len(calls) <= index:
-                calls.append({"id": None, "type": "function", "function": {"name": None, "arguments": ""}})
-            merge_piece(calls[index], {k: v for k, v in delta.items() if k != "index"})
 
     def complete(self) -> bool:
         """Every choice 0..n-1 is there and finished."""
@@ -379,43 +213,20 @@ class ChatAssembler:
             completion["usage"] = self.usage
         return completion
 
+class SseCapture:
+    """Passes upstream SSE through event by event and records what it saw; subclasses per wire
+    format say what one event means (``_accept``) and how a stream ends in error (``fail``).
 
-class TextCompletionAssembler(ChatAssembler):
-    """Folds legacy text_completion chunks into one text_completion."""
-
-    object_name = "text_completion"
-
-    def _new_choice(self, index: int) -> dict:
-        return {"text": "", "index": index, "logprobs": None, "finish_reason": None}
-
-    def _add_choice(self, index: int, piece: dict) -> None:
-        choice = self.choices.get(index)
-        if choice is None:
-            choice = self.choices[index] = self._new_choice(index)
-        text = piece.get("text")
-        if text is not None and not isinstance(text, str):
-            raise ValueError("text is not a string")
-        choice["text"] += text or ""
-        self._add_logprobs(choice, piece.get("logprobs"))
-        self._add_choice_fields(choice, piece)
-
-
-class StreamCapture:
-    """Passes upstream SSE through event by event and assembles what it saw.
-
-    ``feed`` returns the bytes to send to the client at once: every whole event verbatim, except
-    the usage the proxy asked for on its own account (``drop_usage_chunk``): then the usage-only
-    chunk is dropped and ``"usage": null`` is taken off the other chunks, so the client sees the
-    stream it asked for. Keep-alive comments are forwarded but never assembled.
-    ``finish``/``fail`` say what to send when the upstream body ends or breaks off.
+    ``feed`` returns the bytes to send to the client at once (whole events only: a partial one
+    waits for its end). ``finish``/``fail`` say what to send when the upstream body ends or
+    breaks off. ``done``: the terminal event came; ``failed``: something made the answer
+    unstorable; ``error_relayed``: the client has already been sent an error event.
     """
 
-    def __init__(self, mode: str, *, drop_usage_chunk: bool = False) -> None:
-        self.assembler = TextCompletionAssembler() if mode == "completion" else ChatAssembler()
-        self.drop_usage_chunk = drop_usage_chunk
-        self.done = False          # [DONE] seen
-        self.failed = False        # an error chunk or a chunk that is not a completion chunk
-        self.error_relayed = False  # the client has already been sent an error event
+    def __init__(self) -> None:
+        self.done = False
+        self.failed = False
+        self.error_relayed = False
         self._buffer = b""
 
     def feed(self, data: bytes) -> bytes:
@@ -440,48 +251,13 @@ class StreamCapture:
         return b"".join(out)
 
     def _accept(self, event: bytes) -> bytes | bool | None:
-        """Record one event; True: relay as is, bytes: relay these instead, None: drop it."""
-        one_line = event.startswith(b"data:") and b"\n" not in event and b"\r" not in event
-        if one_line:
-            data = event[5:].lstrip(b" ")  # the usual event: one data line (this runs per event)
-        else:
-            data_lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
-            if not data_lines:
-                return True  # comments, event names, retry hints
-            data = b"\n".join(data_lines)
-        if data.strip() == b"[DONE]":
-            self.done = True
-            return True
-        # What json.loads does with bytes that open an object (UTF-8), minus its detection.
-        utf8 = data[:1] == b"{" and data[1:2] != b"\x00"
-        try:
-            chunk = _DECODER.decode(data.decode("utf-8", "surrogatepass")) if utf8 else json.loads(data)
-        except ValueError:
-            self.failed = True
-            return True
-        if not isinstance(chunk, dict) or chunk.get("error") is not None:
-            self.failed = True
-            self.error_relayed = self.error_relayed or isinstance(chunk, dict)
-            return True
-        try:
-            self.assembler.add(chunk)
-        except (AttributeError, TypeError, ValueError, KeyError, IndexError):
-            self.failed = True  # relayed as it came, never stored
-        if self.drop_usage_chunk and "usage" in chunk:
-            if chunk.get("choices") == []:
-                return None
-            # Cut only text read as UTF-8: in UTF-16 or -32 (json.loads reads those too) the
-            # bytes of '"usage"' could belong to other characters.
-            trimmed = _without_null_usage(event) if one_line and utf8 and chunk["usage"] is None else None
-            if trimmed is not None:
-                return trimmed + b"\n\n"
-            without_usage = {name: value for name, value in chunk.items() if name != "usage"}
-            return sse_event(without_usage)
-        return True
+        """Record one event (without its blank line); True: relay as is, bytes: relay these
+        instead, None: drop it."""
+        raise NotImplementedError
 
     def finish(self) -> bytes:
         """The last bytes for the client once the upstream body ended: an unterminated last event,
-        and an error event when the stream stopped before ``[DONE]`` without saying why."""
+        and an error event when the stream stopped before its end without saying why."""
         out = b""
         tail, self._buffer = self._buffer, b""
         if tail.strip() and _is_whole_event(tail):
@@ -500,11 +276,106 @@ class StreamCapture:
         self.error_relayed = True
         # An unfinished event is dropped: appending to it would corrupt the error event.
         self._buffer = b""
+        return self.error_event(message, code)
+
+    def error_event(self, message: str, code: str) -> bytes:
+        raise NotImplementedError
+
+    def json_payload(self, data: bytes, is_error: Callable[[dict], bool]) -> dict | None:
+        """The event's JSON object, or None once the stream is marked failed: data that is not a
+        JSON object, or an error event (then the client has been sent an error already)."""
+        try:
+            payload = decode_event_json(data)
+        except ValueError:
+            self.failed = True
+            return None
+        if not isinstance(payload, dict) or is_error(payload):
+            self.failed = True
+            self.error_relayed = self.error_relayed or isinstance(payload, dict)
+            return None
+        return payload
+
+    def assemble(self, add: Callable[[dict], None], payload: dict) -> None:
+        """Fold one payload into the answer; one that does not fit makes the stream unstorable
+        (it is still relayed as it came)."""
+        try:
+            add(payload)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError):
+            self.failed = True
+
+    def completion(self) -> dict | None:
+        """The assembled answer, only if the stream was whole and clean."""
+        raise NotImplementedError
+
+    def whole(self) -> bool:
+        """The stream ended with its terminal event, nothing broken or left over."""
+        return not self.failed and self.done and not self._buffer.strip()
+
+
+def event_data(event: bytes) -> tuple[bytes | None, bool]:
+    """(the data of one SSE event, whether it is the usual single ``data:`` line); None data for
+    an event without any (comments, retry hints)."""
+    one_line = event.startswith(b"data:") and b"\n" not in event and b"\r" not in event
+    if one_line:
+        return event[5:].lstrip(b" "), True  # the usual event: one data line (this runs per event)
+    data_lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    if not data_lines:
+        return None, False
+    return b"\n".join(data_lines), False
+
+
+def decode_event_json(data: bytes) -> Any:
+    """The JSON of an event's data; ValueError when it is not JSON."""
+    # What json.loads does with bytes that open an object (UTF-8), minus its detection.
+    if data[:1] == b"{" and data[1:2] != b"\x00":
+        return _DECODER.decode(data.decode("utf-8", "surrogatepass"))
+    return json.loads(data)
+
+
+class StreamCapture(SseCapture):
+    """The OpenAI-style stream (``data:`` chunks, then ``data: [DONE]``) folded by ``assembler``.
+
+    Every whole event goes to the client verbatim, except the usage the proxy asked for on its
+    own account (``drop_usage_chunk``): then the usage-only chunk is dropped and ``"usage": null``
+    is taken off the other chunks, so the client sees the stream it asked for. Keep-alive
+    comments are forwarded but never assembled.
+    """
+
+    def __init__(self, assembler: ChoicesAssembler, *, drop_usage_chunk: bool = False) -> None:
+        super().__init__()
+        self.assembler = assembler
+        self.drop_usage_chunk = drop_usage_chunk
+
+    def _accept(self, event: bytes) -> bytes | bool | None:
+        data, one_line = event_data(event)
+        if data is None:
+            return True  # comments, event names, retry hints
+        if data.strip() == b"[DONE]":
+            self.done = True
+            return True
+        utf8 = data[:1] == b"{" and data[1:2] != b"\x00"
+        chunk = self.json_payload(data, lambda payload: payload.get("error") is not None)
+        if chunk is None:
+            return True
+        self.assemble(self.assembler.add, chunk)
+        if self.drop_usage_chunk and "usage" in chunk:
+            if chunk.get("choices") == []:
+                return None
+            # Cut only text read as UTF-8: in UTF-16 or -32 (json.loads reads those too) the
+            # bytes of '"usage"' could belong to other characters.
+            trimmed = _without_null_usage(event) if one_line and utf8 and chunk["usage"] is None else None
+            if trimmed is not None:
+                return trimmed + b"\n\n"
+            without_usage = {name: value for name, value in chunk.items() if name != "usage"}
+            return sse_event(without_usage)
+        return True
+
+    def error_event(self, message: str, code: str) -> bytes:
         return error_event(message, code=code)
 
     def completion(self) -> dict | None:
         """The assembled completion, only if the stream was whole and clean."""
-        if self.failed or not self.done or self._buffer.strip() or not self.assembler.complete():
+        if not self.whole() or not self.assembler.complete():
             return None
         return self.assembler.result()
 

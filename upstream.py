@@ -62,6 +62,23 @@ def bearer_token(authorization: str | None) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class UpstreamTarget:
+    """Where one API's misses go and how they authenticate.
+
+    ``api_key``: a key the server holds; it wins over the client's and is sent as ``key_header``
+    ("bearer": ``Authorization: Bearer``, "x-api-key": Anthropic's own header). Without one, the
+    client's own key headers (``client_key_headers``) are forwarded as sent. ``forwarded_headers``
+    are client headers passed on unchanged (Anthropic's version and beta flags).
+    """
+
+    base_url: str
+    api_key: str = ""
+    key_header: str = "bearer"
+    client_key_headers: tuple[str, ...] = ("Authorization",)
+    forwarded_headers: tuple[str, ...] = ()
+
+
 @dataclass
 class UpstreamReply:
     """A whole upstream answer, body decoded (gzip and the like already undone)."""
@@ -200,6 +217,7 @@ class UpstreamClient:
     def __init__(self, settings: Settings):
         self.base_url = settings.upstream_base_url
         self.api_key = settings.upstream_api_key
+        self.target = UpstreamTarget(self.base_url, self.api_key)  # chat's: the default
         self.timeout = settings.upstream_timeout_seconds
         self.referer = settings.openrouter_http_referer
         self.title = settings.openrouter_x_title
@@ -211,7 +229,7 @@ class UpstreamClient:
         self._timeout = Timeout(connect=min(self.timeout, 30.0), read=self.timeout, total=self.timeout)
         # The headers a requests.Session would send (in its order), before ours are added.
         self._base_headers = tuple(default_headers().items())
-        self._urls: dict[str, str] = {}
+        self._urls: dict[tuple[str, str], str] = {}
         self._adapter: HTTPAdapter | None = None
         self._adapter_pid: int | None = None
         self._adapter_lock = threading.Lock()
@@ -230,21 +248,23 @@ class UpstreamClient:
                     self._adapter_pid = pid
         return self._adapter  # type: ignore[return-value]
 
-    def _url(self, path: str) -> str:
+    def _url(self, base_url: str, path: str) -> str:
         """The full URL for path, normalised as requests would, once per path (a fixed few)."""
-        url = self._urls.get(path)
+        url = self._urls.get((base_url, path))
         if url is None:
             prepared = requests.PreparedRequest()
-            prepared.prepare_url(self.base_url + path, None)
-            url = self._urls[path] = prepared.url  # type: ignore[assignment]
+            prepared.prepare_url(base_url + path, None)
+            url = prepared.url  # type: ignore[assignment]
+            if len(self._urls) < 64:  # the fixed routes; paths with ids are not kept
+                self._urls[(base_url, path)] = url
         return url
 
     def _prepared(self, method: str, path: str, client_headers: Mapping[str, str],
-                  body: bytes | None) -> requests.PreparedRequest:
+                  body: bytes | None, target: UpstreamTarget) -> requests.PreparedRequest:
         """The request a Session would send for (method, url, data=body, headers): same URL,
         same headers in the same order, same Content-Length."""
         headers = CaseInsensitiveDict(self._base_headers)
-        headers.update(self.headers_for(client_headers))
+        headers.update(self.headers_for(client_headers, target))
         if body:
             headers["Content-Length"] = str(len(body))
         else:
@@ -253,17 +273,35 @@ class UpstreamClient:
                 headers["Content-Length"] = "0"
         prepared = requests.PreparedRequest()
         prepared.method = method
-        prepared.url = self._url(path)
+        prepared.url = self._url(target.base_url, path)
         prepared.headers = headers
         prepared.body = body
         return prepared
 
-    def headers_for(self, client_headers: Mapping[str, str]) -> dict[str, str]:
-        """The original's upstream headers: our key or the client's, plus OpenRouter attribution."""
+    def headers_for(self, client_headers: Mapping[str, str],
+                    target: UpstreamTarget | None = None) -> dict[str, str]:
+        """The original's upstream headers: our key or the client's, plus OpenRouter attribution
+        (and the target's forwarded headers)."""
+        target = target or self.target
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        token = self.api_key or safe_client_value(bearer_token(client_headers.get("Authorization")))
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        if target.api_key:
+            if target.key_header == "x-api-key":
+                headers["x-api-key"] = target.api_key
+            else:
+                headers["Authorization"] = f"Bearer {target.api_key}"
+        else:
+            token = safe_client_value(bearer_token(client_headers.get("Authorization")))
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            for name in target.client_key_headers:
+                if name != "Authorization":
+                    value = safe_client_value(client_headers.get(name))
+                    if value:
+                        headers[name] = value
+        for name in target.forwarded_headers:
+            value = safe_client_value(client_headers.get(name))
+            if value:
+                headers[name] = value
         referer = self.referer or safe_client_value(client_headers.get("HTTP-Referer"))
         if referer:
             headers["HTTP-Referer"] = referer
@@ -281,7 +319,7 @@ class UpstreamClient:
         return getattr(self._local, "last_status", None)
 
     def open(self, method: str, path: str, client_headers: Mapping[str, str],
-             body: bytes | None = None) -> UpstreamStream:
+             body: bytes | None = None, target: UpstreamTarget | None = None) -> UpstreamStream:
         """Send the request and return once the status and headers are in."""
         started = time.monotonic()
         deadline = started + self.timeout
@@ -289,7 +327,7 @@ class UpstreamClient:
             # The adapter never follows redirects; proxies={} as trust_env=False would give:
             # the upstream is configured here, not by proxy environment variables.
             response = self._transport().send(
-                self._prepared(method, path, client_headers, body), stream=True,
+                self._prepared(method, path, client_headers, body, target or self.target), stream=True,
                 timeout=self._timeout, verify=True, cert=None, proxies={},
             )
         except requests.exceptions.ConnectTimeout as exc:
@@ -308,9 +346,9 @@ class UpstreamClient:
         return UpstreamStream(response.status_code, dict(response.headers), response, deadline, started)
 
     def request(self, method: str, path: str, client_headers: Mapping[str, str],
-                body: bytes | None = None) -> UpstreamReply:
+                body: bytes | None = None, target: UpstreamTarget | None = None) -> UpstreamReply:
         """The whole answer, within the deadline."""
-        stream = self.open(method, path, client_headers, body)
+        stream = self.open(method, path, client_headers, body, target)
         try:
             data = stream.read_all()
         finally:

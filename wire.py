@@ -1,8 +1,4 @@
-"""The OpenAI-compatible APIs the proxy speaks: their routes, request checks and cacheable answers.
-
-One ``Endpoint`` per API mode. Later APIs (Responses, Anthropic Messages, embeddings) add an
-endpoint here and reuse the cache flow unchanged.
-"""
+"""Reading a request body as JSON, strictly, for every API (each API's own checks live in ``apis/``)."""
 
 from __future__ import annotations
 
@@ -10,12 +6,10 @@ import json
 import math
 import re
 from array import array
-from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from errors import InvalidRequest
-from images import IdSlot, ImageSlot
 
 MAX_JSON_DEPTH = 256
 
@@ -244,127 +238,3 @@ def parse_request_json(data: bytes) -> dict[str, Any]:
 def _too_deep() -> InvalidRequest:
     return InvalidRequest(f"Request body JSON is nested deeper than {MAX_JSON_DEPTH} levels.",
                           code="invalid_json")
-
-
-def _require_model(body: Mapping[str, Any]) -> None:
-    model = body.get("model")
-    if model is None or (isinstance(model, str) and not model.strip()):
-        raise InvalidRequest("model is required.", param="model")
-    if not isinstance(model, str):
-        raise InvalidRequest("model must be a string.", param="model")
-
-
-def _require_stream_flag(body: Mapping[str, Any]) -> None:
-    if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
-        raise InvalidRequest("stream must be a boolean.", param="stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise InvalidRequest("stream_options must be an object.", param="stream_options")
-
-
-def validate_chat(body: Mapping[str, Any]) -> None:
-    _require_model(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("messages must be a non-empty array.", param="messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidRequest(f"messages[{index}] must be an object.", param=f"messages[{index}]")
-    _require_stream_flag(body)
-
-
-def validate_completion(body: Mapping[str, Any]) -> None:
-    _require_model(body)
-    prompt = body.get("prompt")
-    if prompt is None or prompt == "" or prompt == []:
-        raise InvalidRequest("prompt is required.", param="prompt")
-    if not isinstance(prompt, (str, list)):
-        raise InvalidRequest("prompt must be a string or an array.", param="prompt")
-    _require_stream_flag(body)
-
-
-def _messages(body: Mapping[str, Any]) -> list[dict]:
-    messages = body.get("messages")
-    return [message for message in messages if isinstance(message, dict)] \
-        if isinstance(messages, list) else []
-
-
-def chat_inline_images(body: Mapping[str, Any]) -> Iterator[ImageSlot]:
-    """Chat's inline images: ``messages[].content[]`` parts of type image_url whose URL (in
-    ``image_url.url``, or ``image_url`` itself as a string) is a data: URL."""
-    for message in _messages(body):
-        content = message.get("content")
-        if not isinstance(content, list):
-            continue
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "image_url":
-                continue
-            image = part.get("image_url")
-            if isinstance(image, dict) and isinstance(image.get("url"), str) \
-                    and image["url"].startswith("data:"):
-                yield ImageSlot(image, "url", "data_url", None)
-            elif isinstance(image, str) and image.startswith("data:"):
-                yield ImageSlot(part, "image_url", "data_url", None)
-
-
-def chat_tool_call_ids(body: Mapping[str, Any]) -> Iterator[IdSlot]:
-    """Chat's echoed tool-call ids: ``messages[].tool_calls[].id`` and ``messages[].tool_call_id``."""
-    for message in _messages(body):
-        calls = message.get("tool_calls")
-        if isinstance(calls, list):
-            for call in calls:
-                if isinstance(call, dict) and isinstance(call.get("id"), str):
-                    yield IdSlot(call, "id")
-        if isinstance(message.get("tool_call_id"), str):
-            yield IdSlot(message, "tool_call_id")
-
-
-def no_slots(body: Mapping[str, Any]) -> Iterator[Any]:
-    return iter(())
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One cacheable API: its cache mode, upstream path and object names, and where its
-    requests keep inline images and echoed tool-call ids (images.py)."""
-
-    mode: str
-    upstream_path: str
-    object_name: str
-    chunk_object_name: str
-    validate: Callable[[Mapping[str, Any]], None]
-    inline_images: Callable[[Mapping[str, Any]], Iterator[ImageSlot]] = no_slots
-    tool_call_ids: Callable[[Mapping[str, Any]], Iterator[IdSlot]] = no_slots
-
-
-CHAT = Endpoint("chat", "/chat/completions", "chat.completion", "chat.completion.chunk", validate_chat,
-                chat_inline_images, chat_tool_call_ids)
-COMPLETION = Endpoint("completion", "/completions", "text_completion", "text_completion",
-                      validate_completion)
-ENDPOINTS = {endpoint.mode: endpoint for endpoint in (CHAT, COMPLETION)}
-
-CHAT_ROUTES = ("/v1/chat/completions", "/chat/completions", "/api/v1/chat/completions",
-               "/api/chat/completions")
-COMPLETION_ROUTES = ("/v1/completions", "/completions", "/api/v1/completions")
-MODEL_ROUTES = ("/v1/models", "/models", "/api/v1/models")
-
-
-def uncacheable_reason(data: Any) -> str | None:
-    """Why a 2xx upstream answer must not be stored, or None when it may be."""
-    if not isinstance(data, dict):
-        return "response is not a JSON object"
-    if data.get("error") is not None:
-        return "upstream response carries an error"
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return "upstream response has no choices"
-    return None
-
-
-def wants_stream(body: Mapping[str, Any]) -> bool:
-    return body.get("stream") is True
-
-
-def wants_usage(body: Mapping[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True

@@ -35,6 +35,7 @@ import cache_policy  # noqa: E402
 import cache_store  # noqa: E402
 import store_schema  # noqa: E402
 import config  # noqa: E402
+from agent_apis import agent_api_hits  # noqa: E402
 from loadgen import UNIQUE, Connection, Result, _unique, build_request, burst, get_request, run_load  # noqa: E402
 import redis_store  # noqa: E402
 
@@ -372,6 +373,7 @@ def run_scenarios(services: Services, tmp: Path, args) -> int:
     row("streamed hit, time to last byte p50", "<= 1.5x floor plain",
         f"{ms(p50(stream_c1))} (floor {ms(p50(floor_c1))})", ratio, ratio <= 1.5)
     services.stop(floor)
+    agent_api_hits(proxy_port, seconds, in_turn, p50, row, ms)
 
     upstream_port = int(fast_upstream.rsplit(":", 1)[1].split("/")[0])
     unique_small = build_request(CHAT_PATH, small_body(unique=True))

@@ -354,10 +354,11 @@ class RedisStore(CacheStore):
                 pending[1] = now
 
     def record_request(self, status: str, model: str, *, route: str = "", key: str | None = None,
-                       seconds: float = 0.0, coalesced: bool = False, near: bool = False) -> None:
+                       seconds: float = 0.0, coalesced: bool = False, api: str = "",
+                       near: bool = False) -> None:
         at = self.clock()
         with self._lock:
-            self._pending_requests.add(at, route, status, model, key, seconds, coalesced, near)
+            self._pending_requests.add(at, route, status, model, key, seconds, coalesced, api, near)
 
     def near_candidates(self, group: str, limit: int = 16) -> list[tuple[str, bytes]]:
         """Live entries of the group, most recently stored first (expired ones are skipped)."""

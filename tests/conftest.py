@@ -29,6 +29,7 @@ from server import create_app, store_from_settings  # noqa: E402
 
 SETTING_VARIABLES = [field.metadata["env"] for field in dataclasses.fields(config.Settings)] + [
     "OPENAI_BASE_URL", "OPENROUTER_API_KEY", "OPENAI_API_KEY", "WEB_CONCURRENCY", "GUNICORN_THREADS",
+    "ANTHROPIC_API_KEY",
 ]
 
 

@@ -1,4 +1,4 @@
-"""A real OpenAI-compatible HTTP server that plays "the upstream" for tests and benchmarks.
+"""A real OpenAI- (chat, completions, Responses, embeddings) and Anthropic-compatible HTTP server that plays "the upstream" for tests and benchmarks.
 
 The proxy under test talks to it over real sockets, so everything that matters for a
 caching proxy is exercised for real: keep-alive, chunked SSE framing, slow upstreams,
@@ -15,11 +15,14 @@ forever (the benchmark and ``make run`` use this).
 from __future__ import annotations
 
 import argparse
+import base64
 import gzip as _gzip
+import hashlib
 import itertools
 import json
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -28,6 +31,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
+
+from fake_responses import responses_answer, responses_events
 
 DEFAULT_MODEL = "test/model-a"
 BASE_CREATED = 1700000000
@@ -55,6 +60,7 @@ class RecordedRequest:
     headers: dict
     body: bytes
     time: float
+    query: str = ""
 
     @property
     def json(self) -> Any:
@@ -352,6 +358,116 @@ def chunks_from_text_completion(completion: dict, include_usage: bool = False, p
     return _assemble_chunks(header, per_choice, include_usage, completion.get("usage"))
 
 
+def anthropic_message(
+    content: list | str = "Hello",
+    *,
+    id: str = "msg_fake",
+    model: str = "claude-test",
+    stop_reason: str | None = None,
+    usage: dict | None = None,
+    **extra: Any,
+) -> dict:
+    """A Messages API ``message`` (text given as a string becomes one text block)."""
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    text = " ".join(block.get("text", "") for block in blocks if isinstance(block, dict))
+    message = {
+        "id": id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": blocks,
+        "stop_reason": stop_reason or ("tool_use" if any(b.get("type") == "tool_use" for b in blocks) else "end_turn"),
+        "stop_sequence": None,
+        "usage": usage or {"input_tokens": 12, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                           "output_tokens": _token_estimate(text)},
+    }
+    message.update(extra)
+    return message
+
+
+def message_stream_events(message: dict, piece: int = 4, ping: bool = True) -> list[str]:
+    """The named events Anthropic streams for ``message``, per its streaming docs.
+
+    ``message_start`` (content [], stop fields null, usage with output_tokens so far), a ``ping``,
+    per block ``content_block_start`` (text/thinking empty, tool input {}), its deltas
+    (``text_delta``, ``thinking_delta`` then ``signature_delta``, ``input_json_delta`` pieces of
+    the input's JSON, starting with an empty one), ``content_block_stop``; then ``message_delta``
+    with the stop fields and the cumulative output tokens, and ``message_stop``. No ``[DONE]``.
+    """
+    usage = dict(message.get("usage") or {})
+    start = {k: v for k, v in message.items() if k not in ("content", "stop_reason", "stop_sequence")}
+    start.update(content=[], stop_reason=None, stop_sequence=None, usage={**usage, "output_tokens": 1})
+    events = [_named({"type": "message_start", "message": start})]
+    if ping:
+        events.append(_named({"type": "ping"}))
+    for index, block in enumerate(message.get("content") or []):
+        kind = block.get("type")
+        deltas: list[dict] = []
+        opening = dict(block)
+        if kind == "text":
+            opening["text"] = ""
+            deltas = [{"type": "text_delta", "text": bit} for bit in _pieces(block["text"], piece)]
+        elif kind == "thinking":
+            opening = {"type": "thinking", "thinking": ""}
+            deltas = [{"type": "thinking_delta", "thinking": bit} for bit in _pieces(block["thinking"], piece)]
+            deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        elif kind in ("tool_use", "server_tool_use"):
+            opening["input"] = {}
+            arguments = json.dumps(block["input"])
+            deltas = [{"type": "input_json_delta", "partial_json": bit} for bit in ["", *_pieces(arguments, piece)]]
+        events.append(_named({"type": "content_block_start", "index": index, "content_block": opening}))
+        events += [_named({"type": "content_block_delta", "index": index, "delta": delta}) for delta in deltas]
+        events.append(_named({"type": "content_block_stop", "index": index}))
+    events.append(_named({"type": "message_delta",
+                          "delta": {"stop_reason": message.get("stop_reason"), "stop_sequence": message.get("stop_sequence")},
+                          "usage": {"output_tokens": usage.get("output_tokens", 0)}}))
+    events.append(_named({"type": "message_stop"}))
+    return events
+
+
+def anthropic_sse_reply(events: list, **options: Any) -> Reply:
+    """A Messages stream: named events, never a ``[DONE]``."""
+    return sse_reply(events, done=False, **options)
+
+
+def anthropic_error_reply(status: int = 529, type: str = "overloaded_error", message: str = "Overloaded") -> Reply:
+    """Anthropic's error object, which the anthropic SDK turns into typed exceptions."""
+    return json_reply({"type": "error", "error": {"type": type, "message": message}}, status=status)
+
+
+def _named(payload: dict) -> str:
+    return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
+
+
+def _echo_message(request: dict, call_number: int) -> dict:
+    """The default Messages answer: echoes the last message's text, id unique per call."""
+    messages = request.get("messages") or []
+    last_text = _message_text(messages[-1]) if messages else ""
+    prompt_tokens = sum(_token_estimate(_message_text(message)) for message in messages)
+    text = f"echo: {last_text}"
+    return anthropic_message(text, id=f"msg_fake_{call_number}", model=request.get("model") or "claude-test",
+                             usage={"input_tokens": prompt_tokens, "cache_creation_input_tokens": 0,
+                                    "cache_read_input_tokens": 0, "output_tokens": _token_estimate(text)})
+
+
+def embeddings_answer(request: dict, dimensions: int = 8) -> dict:
+    """An embeddings ``list``: one deterministic vector per input (from its text), as floats or
+    as base64 of little-endian float32s, the way OpenAI encodes them."""
+    inputs = request.get("input")
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    size = request.get("dimensions") or dimensions
+    data = []
+    for index, item in enumerate(inputs):
+        seed = hashlib.sha256(json.dumps(item).encode()).digest()
+        vector = [round((seed[i % 32] - 128) / 128, 4) for i in range(size)]
+        if request.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = sum(_token_estimate(json.dumps(item)) for item in inputs)
+    return {"object": "list", "data": data, "model": request.get("model") or DEFAULT_MODEL,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
 def encode_sse_event(event: dict | list | str | bytes) -> bytes:
     """One SSE frame: JSON as ``data:``, ``:`` comments and raw ``\\n\\n``-terminated text verbatim."""
     if isinstance(event, bytes):
@@ -575,6 +691,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers={name.lower(): value for name, value in self.headers.items()},
             body=body,
             time=time.monotonic(),
+            query=urlsplit(self.path).query,
         )
         upstream = self.server.upstream
         reply = upstream._accept(record) or upstream._default_reply(record)
@@ -674,6 +791,7 @@ class FakeUpstream:
         self.default_delay = default_delay
         self.requests: list[RecordedRequest] = []
         self.disconnects: list[str] = []
+        self.responses_by_id: dict[str, dict] = {}  # Responses answered, for GET /responses/{id}
         self._replies: deque[Reply] = deque()
         self._changed = threading.Condition()
         self._call_count = 0
@@ -794,6 +912,12 @@ class FakeUpstream:
         route = _route(record.path)
         if record.method == "GET" and route == "/models":
             return json_reply(MODELS_LIST, delay=0.0)
+        if record.method == "POST" and route == "/embeddings" and isinstance(record.json, dict):
+            return json_reply(embeddings_answer(record.json))
+        if route == "/responses" or route.startswith("/responses/"):
+            return self._responses_reply(route, record)
+        if record.method == "POST" and route in ("/messages", "/messages/count_tokens"):
+            return self._anthropic_reply(route, record)
         if record.method != "POST" or route not in ("/chat/completions", "/completions"):
             return error_reply(
                 404, f"Unknown path: {record.method} {record.path}", "invalid_request_error", "not_found", delay=0.0
@@ -822,6 +946,41 @@ class FakeUpstream:
             return json_reply(completion)
         include_usage = (request.get("stream_options") or {}).get("include_usage") is True
         return sse_reply(split(completion, include_usage=include_usage))
+
+
+    def _responses_reply(self, route: str, record: RecordedRequest) -> Reply:
+        """Responses (tests/fake_responses.py builds them), and GET or DELETE of one it answered."""
+        if record.method == "DELETE":
+            response_id = route.removeprefix("/responses/")
+            if self.responses_by_id.pop(response_id, None) is None:
+                return error_reply(404, "No response with that id.", "invalid_request_error", delay=0.0)
+            return json_reply({"id": response_id, "object": "response", "deleted": True}, delay=0.0)
+        if record.method == "GET":
+            answer = self.responses_by_id.get(route.removeprefix("/responses/"))
+            if answer is None:
+                return error_reply(404, "No response with that id.", "invalid_request_error", delay=0.0)
+            return json_reply(answer, delay=0.0)
+        request = record.json
+        if record.method != "POST" or route != "/responses" or not isinstance(request, dict):
+            return error_reply(400, "Not a Responses request.", "invalid_request_error", delay=0.0)
+        answer = responses_answer(request, self._next_call_number())
+        self.responses_by_id[answer["id"]] = answer
+        if not request.get("stream"):
+            return json_reply(answer)
+        return sse_reply(responses_events(answer), done=False)
+
+    def _anthropic_reply(self, route: str, record: RecordedRequest) -> Reply:
+        """Messages and token counting, as Anthropic answers them (its error shape included)."""
+        request = record.json
+        if not isinstance(request, dict):
+            return anthropic_error_reply(400, "invalid_request_error", "Request body must be a JSON object")
+        if route == "/messages/count_tokens":
+            messages = request.get("messages") or []
+            return json_reply({"input_tokens": sum(_token_estimate(_message_text(m)) for m in messages)}, delay=0.0)
+        message = _echo_message(request, self._next_call_number())
+        if not request.get("stream"):
+            return json_reply(message)
+        return anthropic_sse_reply(message_stream_events(message))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -119,6 +119,10 @@ def test_dashboard__browser_shows_the_figures_the_server_reports(start_proxy, fa
     recent = page.text["recent"]
     assert recent.count("HIT") == 4 and recent.count("MISS") == 2 and recent.count("BYPASS") == 1
     assert "test/model-b" in page.text["by-model"]
+    by_api = page.text["by-api"]  # the API, its hit rate, hits, misses, ..., unpriced hits
+    chat = stats["by_api"]["chat"]
+    assert by_api.startswith(f"chat{chat['hit_rate'] * 100:.1f}%{chat['hits']}{chat['misses']}")
+    assert by_api.endswith("0")  # no unpriced hits: every answer carried usage.cost
 
 
 def test_dashboard__admin_token_from_the_address_bar(start_proxy, fake_upstream, http, tmp_path):

@@ -176,7 +176,8 @@ def test_near_lookup__costs_about_what_decoding_its_screenshots_costs(tmp_path):
 # -- where images are, and what is stored instead ---------------------------------------------
 
 def test_chat_inline_images__data_urls_only_in_document_order():
-    from wire import CHAT, COMPLETION
+    from apis.chat import CHAT
+    from apis.completions import COMPLETION
     body = {"model": "m", "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}},
                                      {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
@@ -195,7 +196,7 @@ def test_with_image_references__the_canonical_text_with_each_image_as_its_refere
     import json
     from cache_policy import canonical_json
     from images import holds_image_references, image_discount, image_texts, with_image_references
-    from wire import CHAT
+    from apis.chat import CHAT
     png = screens.encoded(BASE)
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     odd = 'data:image/png;name="a";base64,' + base64.b64encode(png).decode()  # a head JSON escapes

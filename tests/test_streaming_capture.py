@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from apis.chat import ChatAssembler
 from streaming import StreamCapture
 
 HEADER = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
@@ -38,7 +39,7 @@ def _frames(shape: str) -> list[bytes]:
 @pytest.mark.parametrize("shape", ["one line", "no space", "split over lines", "named event"])
 @pytest.mark.parametrize("drop_usage", [False, True])
 def test_capture__every_event_shape_assembles_the_same_completion(shape, drop_usage):
-    capture = StreamCapture("chat", drop_usage_chunk=drop_usage)
+    capture = StreamCapture(ChatAssembler(), drop_usage_chunk=drop_usage)
     relayed = b"".join(capture.feed(frame) for frame in _frames(shape)) + capture.finish()
     completion = capture.completion()
     assert completion is not None
@@ -67,7 +68,7 @@ def test_capture__dropping_usage_keeps_the_upstreams_own_bytes(member_first):
     rest = '"id": "c", "choices": [{"index": 0, "delta": {"content": "\\ud83d\\udc4b caf\\u00e9"}, ' \
            '"logprobs": {"content": [{"token": "x", "logprob": -1E-5, "top_logprobs": []}]}, "finish_reason": null}]'
     text = "{" + (f"{usage} , {rest}" if member_first else f"{rest} , {usage}") + "}"
-    capture = StreamCapture("chat", drop_usage_chunk=True)
+    capture = StreamCapture(ChatAssembler(), drop_usage_chunk=True)
     relayed = capture.feed(f"data: {text}\n\n".encode())
     assert relayed == ("data: {" + rest + "}\n\n").encode()
     assert json.loads(relayed[6:]) == {k: v for k, v in json.loads(text).items() if k != "usage"}
@@ -79,7 +80,7 @@ def test_capture__dropping_usage_keeps_the_upstreams_own_bytes(member_first):
     '{"id": "c", "choices": [{"index": 0, "delta": {"content": "\\u0075"}}], "usage": null}',  # "u" escaped
 ])
 def test_capture__usage_that_cannot_be_cut_out_safely_is_re_encoded(text):
-    capture = StreamCapture("chat", drop_usage_chunk=True)
+    capture = StreamCapture(ChatAssembler(), drop_usage_chunk=True)
     relayed = capture.feed(f"data: {text}\n\n".encode())
     expected = {k: v for k, v in json.loads(text).items() if k != "usage"}
     assert relayed == b"data: " + json.dumps(expected, separators=(",", ":")).encode() + b"\n\n"
@@ -89,13 +90,13 @@ def test_capture__usage_in_utf16_data_is_re_encoded_not_cut():
     # Characters whose UTF-16 bytes spell '"usage": null,' must not be cut out of a string.
     tricky = "".join(map(chr, (0x7522, 0x6173, 0x6567, 0x3A22, 0x6E20, 0x6C75, 0x2C6C))) + "A"
     chunk = {"id": tricky, "choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": None}
-    capture = StreamCapture("chat", drop_usage_chunk=True)
+    capture = StreamCapture(ChatAssembler(), drop_usage_chunk=True)
     relayed = capture.feed(b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-16-le") + b"\n\n")
     assert json.loads(relayed[6:]) == {"id": tricky, "choices": chunk["choices"]}
 
 
 def test_capture__data_that_is_not_utf8_fails_the_capture_but_is_relayed():
-    capture = StreamCapture("chat")
+    capture = StreamCapture(ChatAssembler())
     frame = b'data: {"id": "\xff"}\n\n'
     assert capture.feed(frame) == frame
     assert capture.failed
