@@ -345,13 +345,18 @@ def test_chunked_request_bodies_are_read(fake):
 
 
 def test_concurrent_requests_are_served_in_parallel():
-    with FakeUpstream(default_delay=0.5) as fake:
-        started = time.monotonic()
+    # Each answer takes DELAY: served one at a time, the last request would arrive 49 delays after
+    # the first. All 50 arriving within one delay proves they were all being served at once,
+    # without a wall-clock budget for the whole burst (which a loaded machine stretches).
+    delay = 2.0
+    with FakeUpstream(default_delay=delay) as fake:
         with ThreadPoolExecutor(max_workers=50) as pool:
             results = list(
                 pool.map(lambda i: post_chat(fake, messages=[{"role": "user", "content": str(i)}]).json(), range(50))
             )
-        assert time.monotonic() - started < 2.0
+        arrivals = [request.time for request in fake.requests]
+        assert len(arrivals) == 50
+        assert max(arrivals) - min(arrivals) < delay
         assert len({r["id"] for r in results}) == 50
         assert {r["choices"][0]["message"]["content"] for r in results} == {f"echo: {i}" for i in range(50)}
 
