@@ -7,11 +7,14 @@ gunicorn. FUZZ_SEED replays another run (the default seed keeps the suite repeat
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
+import guard
 import hostile_requests
 from hostile_requests import ADMIN_TOKEN, hostile_requests as generate, routes_of, run, still_serving
+from wire import lone_surrogate_path
 
 FUZZ_REQUESTS = 2000
 FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "15"))
@@ -47,10 +50,25 @@ def test_fuzz__every_route_and_method_of_the_app_is_fuzzed(app):
                 assert any(m == method and path.startswith(prefix) for m, path in sent), (method, route.rule)
 
 
+def test_fuzz__json_routes_are_the_routes_the_server_takes_json_on(app):
+    server_json_rules = {rule.rule for rule in app.url_map.iter_rules()
+                         if "POST" in rule.methods and guard.is_api_path(rule.rule)}
+    assert {route.rule for route in hostile_requests.json_routes(routes_of(app))} == server_json_rules
+    assert any("<" in rule for rule in server_json_rules)  # rules with path parameters are among them
+
+
 def test_fuzz__a_lone_surrogate_goes_into_every_string_of_every_json_route(app):
     routes = routes_of(app)
     swept = [request for request in generate(routes, FUZZ_REQUESTS, FUZZ_SEED) if request.kind == "sweep_surrogate"]
+    urls = app.url_map.bind("127.0.0.1")
     for route in hostile_requests.json_routes(routes):
         body = hostile_requests.template_for(route.rule)(hostile_requests.random.Random(0))
         strings = list(hostile_requests.strings_of(body))
-        assert sum(request.path == route.rule for request in swept) == len(strings), route.rule
+        mine = [request for request in swept if request.rule == route.rule]
+        assert len(mine) == len(strings), route.rule
+        for request in mine:
+            # It reaches the route's own view (a plain value in each path parameter), and its
+            # body is that route's template with a lone surrogate in it.
+            assert urls.match(request.path, method="POST", return_rule=True)[0].rule == route.rule
+            sent = json.loads(request.body)
+            assert lone_surrogate_path(sent) is not None, request.body[:200]
