@@ -10,7 +10,7 @@ proxy reads and their hostile values (``HEADER_VALUES``) and the query parameter
 A seeded ``random.Random`` makes every run with the same seed send the same requests (the order
 across threads varies). First a sweep puts a lone surrogate into every string and every key of
 every template on every JSON route, and every hostile value of every header on one request
-each; random mutations fill up the rest.
+per kind of route that reads it; random mutations fill up the rest.
 """
 
 from __future__ import annotations
@@ -449,7 +449,8 @@ def json_routes(routes: list[Route]) -> list[Route]:
 def sweep(routes: list[Route], rng: random.Random) -> Iterator[HostileRequest]:
     """Every method (its own and the others) on every route; a lone surrogate in every string and
     key of every template, on every JSON route; every huge or non-finite number in each top-level
-    field; every hostile value of every header once, on a completion route and an admin route."""
+    field; every hostile value of every header once, on a completion route, a Messages route and
+    an admin route."""
     for route in routes:
         for method in sorted(set(route.methods) | set(EXTRA_METHODS)):
             yield _with_body(HostileRequest(method, _concrete(route.rule, rng), _json_headers(rng),
@@ -468,14 +469,17 @@ def sweep(routes: list[Route], rng: random.Random) -> Iterator[HostileRequest]:
         for token in HUGE_NUMBERS + NON_FINITE:
             text = json.dumps({**body, name: MARKER}).replace(json.dumps(MARKER), token.decode())
             yield HostileRequest("POST", completion_route, {"Content-Type": b"application/json"},
-                                 text.encode(), "sweep_number")
+                                 text.encode(), "sweep_number", rule=completion_route)
+    # Anthropic's headers (x-api-key, anthropic-version, anthropic-beta) are read on its routes.
+    header_routes = [completion_route] + [route.rule for route in json_routes(routes)
+                                          if template_for(route.rule) is messages_template][:1]
     for name, values in HEADER_VALUES.items():
         for value in values:
-            for path in (completion_route, "/cache/stats"):
-                method = "POST" if path == completion_route else "GET"
-                body = dumps(chat_template(rng), rng) if method == "POST" else None
-                headers = {"Content-Type": b"application/json", name: value}
-                yield HostileRequest(method, path, headers, body, "sweep_header")
+            headers = {"Content-Type": b"application/json", name: value}
+            for rule in header_routes:
+                yield HostileRequest("POST", rule, dict(headers), dumps(template_for(rule)(rng), rng),
+                                     "sweep_header", rule=rule)
+            yield HostileRequest("GET", "/cache/stats", dict(headers), None, "sweep_header", rule="/cache/stats")
 
 
 def random_request(routes: list[Route], rng: random.Random) -> HostileRequest:

@@ -13,7 +13,9 @@ import os
 
 import guard
 import hostile_requests
+from apis import API_LIST
 from hostile_requests import ADMIN_TOKEN, hostile_requests as generate, routes_of, run, still_serving
+from proxy import _CONTROL_HEADER_KEYS
 from wire import lone_surrogate_path
 
 FUZZ_REQUESTS = 2000
@@ -72,3 +74,14 @@ def test_fuzz__a_lone_surrogate_goes_into_every_string_of_every_json_route(app):
             assert urls.match(request.path, method="POST", return_rule=True)[0].rule == route.rule
             sent = json.loads(request.body)
             assert lone_surrogate_path(sent) is not None, request.body[:200]
+
+
+def test_fuzz__every_header_an_api_or_the_cache_reads_has_hostile_values(app):
+    fuzzed = {name.lower() for name in hostile_requests.HEADER_VALUES}
+    read = {name.lower() for api in API_LIST for name in (*api.key_headers, *api.client_key_headers)}
+    read |= {key.removeprefix("HTTP_").replace("_", "-").lower() for key in _CONTROL_HEADER_KEYS}
+    assert {"x-api-key", "anthropic-version", "anthropic-beta", "x-cache-match"} <= read <= fuzzed
+    # ... each sent on a Messages route too, where Anthropic's are read.
+    swept = [request for request in generate(routes_of(app), FUZZ_REQUESTS, FUZZ_SEED) if request.kind == "sweep_header"]
+    on_messages = {name.lower() for request in swept if request.rule.endswith("/messages") for name in request.headers}
+    assert fuzzed <= on_messages
