@@ -251,11 +251,19 @@ class CompletionProxy:
     def forward_uncached(self, api: Api, upstream_path: str, request: Request,
                          reason: str = "this route is not cached") -> Response:
         """A request of the API that is never cached, passed to its upstream as sent (its query
-        string too: Claude Code counts tokens with ``?beta=true``)."""
+        string too: Claude Code counts tokens with ``?beta=true``; HEAD as HEAD). A body, when
+        there is one, passes the same edge check as a cached route's (wire.parse_request_json:
+        UTF-8, depth, no NaN, no lone surrogate) before anything goes upstream; an empty one
+        (``cancel``) goes as it is. A non-2xx answer is relayed as the upstream's error."""
+        body = request.get_data()
+        if body:
+            parse_json_body(request)  # refused here in the API's shape; the client's bytes go on
         if request.query_string:
             upstream_path += "?" + request.query_string.decode("latin-1")
         reply = self.upstream.request(request.method, upstream_path, request.headers,
-                                      request.get_data(), self.setups[api.mode].target)
+                                      body, self.setups[api.mode].target)
+        if not 200 <= reply.status < 300:
+            reason = "upstream returned an error"
         outcome = Outcome("BYPASS", None, reason=reason)
         return self._relay(reply.body, reply.status, relayable_headers(reply.headers), outcome)
 

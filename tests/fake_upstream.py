@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,10 +64,11 @@ class RecordedRequest:
 
     @property
     def json(self) -> Any:
-        """The parsed body, or None when it is empty or not JSON."""
+        """The parsed body, or None when it is empty or not JSON (nested too deep for Python's
+        parser included: a real provider refuses such a body, it does not hang up)."""
         try:
             return json.loads(self.body) if self.body else None
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
 
 
@@ -663,6 +664,24 @@ class _Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+class _HeadersOnly:
+    """A HEAD answer's output: the first write (http.server sends the status line and headers
+    in one) goes out, whatever a reply writes after it is dropped."""
+
+    def __init__(self, out: Any):
+        self.out = out
+        self.head_sent = False
+
+    def write(self, data: bytes) -> int:
+        if not self.head_sent:
+            self.head_sent = True
+            return self.out.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Reads and records each request, then lets a Reply write the answer."""
 
@@ -694,7 +713,9 @@ class _Handler(BaseHTTPRequestHandler):
             query=urlsplit(self.path).query,
         )
         upstream = self.server.upstream
-        reply = upstream._accept(record) or upstream._default_reply(record)
+        # HEAD is answered as GET would be, without the body (do_HEAD drops it).
+        answered_as = replace(record, method="GET") if record.method == "HEAD" else record
+        reply = upstream._accept(record) or upstream._default_reply(answered_as)
         delay = upstream.default_delay if reply.delay is None else reply.delay
         if delay and not self.sleep(delay):
             return self.abort()
@@ -705,6 +726,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = handle_request
+
+    def do_HEAD(self) -> None:
+        """GET's status and headers without its body (RFC 9110 9.3.2), as real servers answer
+        HEAD; http.server itself would say 501."""
+        body_writer = self.wfile
+        self.wfile = _HeadersOnly(body_writer)
+        try:
+            self.handle_request()
+        finally:
+            self.wfile = body_writer
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -975,7 +1006,9 @@ class FakeUpstream:
         if not isinstance(request, dict):
             return anthropic_error_reply(400, "invalid_request_error", "Request body must be a JSON object")
         if route == "/messages/count_tokens":
-            messages = request.get("messages") or []
+            messages = request.get("messages")
+            if not isinstance(messages, list):
+                return anthropic_error_reply(400, "invalid_request_error", "messages: Input should be a valid list")
             return json_reply({"input_tokens": sum(_token_estimate(_message_text(m)) for m in messages)}, delay=0.0)
         message = _echo_message(request, self._next_call_number())
         if not request.get("stream"):

@@ -10,7 +10,7 @@ proxy reads and their hostile values (``HEADER_VALUES``) and the query parameter
 A seeded ``random.Random`` makes every run with the same seed send the same requests (the order
 across threads varies). First a sweep puts a lone surrogate into every string and every key of
 every template on every JSON route, and every hostile value of every header on one request
-each; random mutations fill up the rest.
+per kind of route that reads it; random mutations fill up the rest.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ UNKNOWN_PATHS = ("/nope", "/v1", "/v1/chat/completions/", "/V1/CHAT/COMPLETIONS"
 # Values for a path parameter (<key>, <path:filename>), raw in the URL.
 PATH_SEGMENTS = ("0" * 64, "abc", "%00", "..%2F..%2Fserver.py", "%ED%A0%80", "%FF", "x" * 3000,
                  "%F0%9F%98%80", "a%20b", "%25", "%5Cud800", "null", "-1")
+# A plain value per path parameter, for requests that must reach their route's view (the body
+# sweep): {parameter name: value}; any other parameter gets "sample".
+SAMPLE_SEGMENTS = {"item_id": "resp_fuzz", "action": "cancel", "key": "0" * 64}
 
 # -- bodies ---------------------------------------------------------------------------------------
 
@@ -72,6 +75,13 @@ def chat_template(rng: random.Random) -> dict:
 
 def completion_template(rng: random.Random) -> dict:
     return _sampling(rng, {"model": "test/model-a", "prompt": rng.choice([rng.choice(CONTENTS), ["a", "b"]])})
+
+
+def count_tokens_template(rng: random.Random) -> dict:
+    body = messages_template(rng)
+    for name in ("max_tokens", "stream", "stream_options", "temperature", "cache"):
+        body.pop(name, None)
+    return body
 
 
 def messages_template(rng: random.Random) -> dict:
@@ -105,19 +115,23 @@ def _sampling(rng: random.Random, body: dict) -> dict:
     return body
 
 
-# The realistic body of each kind of JSON route, by how its path ends: the first match wins.
+# The realistic body of each kind of JSON route, by how its rule ends before its first path
+# parameter (an item's routes, /v1/responses/<item_id>/..., speak their API's): the first match wins.
 BODY_TEMPLATES: list[tuple[str, Callable[[random.Random], dict]]] = [
     ("/chat/completions", chat_template),
     ("/completions", completion_template),
+    ("/messages/count_tokens", count_tokens_template),
     ("/messages", messages_template),
     ("/responses", responses_template),
     ("/embeddings", embeddings_template),
 ]
 
 
-def template_for(path: str) -> Callable[[random.Random], dict]:
+def template_for(rule: str) -> Callable[[random.Random], dict]:
+    """The body template of a route (its url_map rule), or of a path that is no route's."""
+    static = rule.split("/<", 1)[0]
     for suffix, template in BODY_TEMPLATES:
-        if path.endswith(suffix):
+        if static.endswith(suffix):
             return template
     return chat_template
 
@@ -364,6 +378,7 @@ class HostileRequest:
     headers: dict[str, bytes] = field(default_factory=dict)
     body: bytes | None = None
     kind: str = ""
+    rule: str | None = None  # the url_map rule the request was made for (None: an unknown path)
     chunked: bool = False  # sent with Transfer-Encoding: chunked (no Content-Length)
     content_length: bytes | None = None  # a Content-Length that is not the body's own
 
@@ -375,6 +390,8 @@ class Route:
 
     @property
     def takes_json(self) -> bool:
+        """A JSON body goes here: POST outside the admin routes, as the server's guard sees it
+        (guard.is_api_path; test_fuzz_http holds the two to the same routes)."""
         return "POST" in self.methods and not self.rule.startswith("/cache/")
 
 
@@ -390,7 +407,13 @@ _CONVERTER = re.compile(r"<[^>]*>")
 
 
 def _concrete(rule: str, rng: random.Random) -> str:
+    """The rule with a hostile value for each path parameter."""
     return _CONVERTER.sub(lambda _: rng.choice(PATH_SEGMENTS), rule)
+
+
+def sample_path(rule: str) -> str:
+    """The rule with a plain value for each path parameter: a path its route answers."""
+    return _CONVERTER.sub(lambda match: SAMPLE_SEGMENTS.get(match.group(0)[1:-1].split(":")[-1], "sample"), rule)
 
 
 def _method_for(route: Route, rng: random.Random) -> str:
@@ -426,45 +449,54 @@ def json_routes(routes: list[Route]) -> list[Route]:
 def sweep(routes: list[Route], rng: random.Random) -> Iterator[HostileRequest]:
     """Every method (its own and the others) on every route; a lone surrogate in every string and
     key of every template, on every JSON route; every huge or non-finite number in each top-level
-    field; every hostile value of every header once, on a completion route and an admin route."""
+    field; every hostile value of every header once, on a completion route, a Messages route and
+    an admin route."""
     for route in routes:
         for method in sorted(set(route.methods) | set(EXTRA_METHODS)):
-            yield _with_body(HostileRequest(method, _concrete(route.rule, rng), _json_headers(rng)), rng)
+            yield _with_body(HostileRequest(method, _concrete(route.rule, rng), _json_headers(rng),
+                                            rule=route.rule), rng)
     for route in json_routes(routes):
-        path = _concrete(route.rule, rng)
-        body = template_for(path)(random.Random(0))
+        # A plain path: the body is what is hostile, and it must reach the route's own view.
+        path = sample_path(route.rule)
+        body = template_for(route.rule)(random.Random(0))
         for trail, is_key in strings_of(body):
             yield HostileRequest("POST", path, {"Content-Type": b"application/json"},
-                                 dumps(with_marker(body, trail, is_key, rng), rng), "sweep_surrogate")
+                                 dumps(with_marker(body, trail, is_key, rng), rng), "sweep_surrogate",
+                                 rule=route.rule)
     completion_route = next((route.rule for route in json_routes(routes)), "/v1/chat/completions")
     body = chat_template(random.Random(0))
     for name in [*body, "n", "max_tokens", "temperature", "seed", "stream"]:
         for token in HUGE_NUMBERS + NON_FINITE:
             text = json.dumps({**body, name: MARKER}).replace(json.dumps(MARKER), token.decode())
             yield HostileRequest("POST", completion_route, {"Content-Type": b"application/json"},
-                                 text.encode(), "sweep_number")
+                                 text.encode(), "sweep_number", rule=completion_route)
+    # Anthropic's headers (x-api-key, anthropic-version, anthropic-beta) are read on its routes.
+    header_routes = [completion_route] + [route.rule for route in json_routes(routes)
+                                          if template_for(route.rule) is messages_template][:1]
     for name, values in HEADER_VALUES.items():
         for value in values:
-            for path in (completion_route, "/cache/stats"):
-                method = "POST" if path == completion_route else "GET"
-                body = dumps(chat_template(rng), rng) if method == "POST" else None
-                headers = {"Content-Type": b"application/json", name: value}
-                yield HostileRequest(method, path, headers, body, "sweep_header")
+            headers = {"Content-Type": b"application/json", name: value}
+            for rule in header_routes:
+                yield HostileRequest("POST", rule, dict(headers), dumps(template_for(rule)(rng), rng),
+                                     "sweep_header", rule=rule)
+            yield HostileRequest("GET", "/cache/stats", dict(headers), None, "sweep_header", rule="/cache/stats")
 
 
 def random_request(routes: list[Route], rng: random.Random) -> HostileRequest:
     roll = rng.random()
+    rule = None
     if roll < 0.05:
         path = rng.choice(UNKNOWN_PATHS)
         method = rng.choice(EXTRA_METHODS)
     else:
         # JSON routes twice as often: they are where bodies matter.
         route = rng.choice(routes + json_routes(routes))
+        rule = route.rule
         path = _concrete(route.rule, rng)
         method = _method_for(route, rng)
     if rng.random() < 0.15:
         path += _query(rng)
-    request = _with_body(HostileRequest(method, path, _json_headers(rng)), rng)
+    request = _with_body(HostileRequest(method, path, _json_headers(rng), rule=rule), rng)
     oddity = rng.random()
     if request.body is not None and oddity < 0.05:
         request.chunked = True
@@ -480,7 +512,7 @@ def random_request(routes: list[Route], rng: random.Random) -> HostileRequest:
 
 def _with_body(request: HostileRequest, rng: random.Random) -> HostileRequest:
     if request.method in ("POST", "PUT", "PATCH", "DELETE") or rng.random() < 0.05:
-        request.kind, request.body = mutate(rng, template_for(request.path.split("?")[0])(rng))
+        request.kind, request.body = mutate(rng, template_for(request.rule or request.path.split("?")[0])(rng))
     else:
         request.kind = "no_body"
     return request
