@@ -12,8 +12,9 @@ things and ``clear`` removes only ours):
   export), ``P i:recency`` (last hit else last store: LRU eviction), ``P i:hits`` (dashboard),
   ``P i:created`` / ``P i:own`` (purging by the server TTL / by the entry's own deadline) and
   ``P near:<group>`` (near matching).
-- ``P counters``, ``P models`` + ``P model:<m>``, ``P tl:<bucket>``, ``P recent``: the running
-  totals behind /cache/stats, /metrics and the dashboard, summed over every instance.
+- ``P counters``, ``P models`` + ``P model:<m>``, ``P apis`` + ``P api:<mode>`` (per API: an
+  entry's mode), ``P tl:<bucket>``, ``P recent``: the running totals behind /cache/stats,
+  /metrics and the dashboard, summed over every instance.
 
 A lookup is one round trip (HMGET). Hits and request counts are tallied in memory and written
 every CACHE_HIT_FLUSH_SECONDS in one MULTI/EXEC; every write that touches several keys is one Lua
@@ -317,7 +318,7 @@ class RedisStore(CacheStore):
         outcome = self._write_entry(entry.key, now, expires_at, entry.mode, entry.model, entry.request_json,
                                     entry.response_json, namespace, near,
                                     (entry.prompt_tokens, entry.completion_tokens, entry.cost_usd,
-                                     entry.upstream_seconds))
+                                     entry.upstream_seconds, entry.unpriced))
         if self.bounded:
             self._maintainer_wake.set()  # eviction runs in the background, never here
         return outcome
@@ -327,13 +328,14 @@ class RedisStore(CacheStore):
                     near: NearRecord | None, figures: tuple, *, only_if_absent: bool = False,
                     created_at: float | None = None, updated_at: float | None = None) -> list:
         request_bytes, response_bytes = request_json.encode("utf-8"), response_json.encode("utf-8")
-        prompt_tokens, completion_tokens, cost_usd, upstream_seconds = figures
+        prompt_tokens, completion_tokens, cost_usd, upstream_seconds, unpriced = figures
         return [self.prefix, key, repr(float(now)), repr(float(self.ttl_seconds)), _stored_float(expires_at),
                 mode, model, request_bytes, response_bytes, namespace or "",
                 int(prompt_tokens), int(completion_tokens), repr(float(cost_usd)),
                 repr(float(upstream_seconds)), len(request_bytes) + len(response_bytes),
                 near.group if near else "", near.fingerprints if near else b"", EXPIRY_GRACE_MS,
-                "1" if only_if_absent else "0", _stored_float(created_at), _stored_float(updated_at)]
+                "1" if only_if_absent else "0", _stored_float(created_at), _stored_float(updated_at),
+                "1" if unpriced else "0"]
 
     def _write_entry(self, key: str, now: float, expires_at: float | None, *rest: Any, **options: Any) -> str:
         try:
@@ -434,15 +436,21 @@ class RedisStore(CacheStore):
             pipe.hgetall(self.key("counters"))
             pipe.zrevrange(self.key("i:updated"), 0, 0, withscores=True)
             pipe.smembers(self.key("models"))
+            pipe.smembers(self.key("apis"))
             pipe.info("memory")
-            counters, last, models, memory = pipe.execute()
-            names = sorted(name.decode() for name in models)
+            counters, last, models, apis, memory = pipe.execute()
+            model_names = sorted(name.decode() for name in models)
+            api_names = sorted(name.decode() for name in apis)
             pipe = self.client.pipeline(transaction=False)
-            for name in names:
+            for name in model_names:
                 pipe.hgetall(self.key("model:", name))
-            return counters, last, memory, dict(zip(names, pipe.execute()))
+            for name in api_names:
+                pipe.hgetall(self.key("api:", name))
+            rows = pipe.execute()
+            return (counters, last, memory, dict(zip(model_names, rows)),
+                    dict(zip(api_names, rows[len(model_names):])))
 
-        counters, last, memory, by_model = self.run("read", read)
+        counters, last, memory, by_model, by_api = self.run("read", read)
         figures = {name.decode(): float(value) for name, value in counters.items()}
         hits_served = int(figures.get("hits_served", 0))
         misses = int(figures.get("misses", 0))
@@ -463,7 +471,9 @@ class RedisStore(CacheStore):
             "db_bytes": int(memory.get("used_memory", 0)),
             **savings(figures.get("prompt_tokens_saved", 0), figures.get("completion_tokens_saved", 0),
                       figures.get("cost_saved_usd", 0), figures.get("time_saved_seconds", 0)),
-            "by_model": {name: _model_figures(row) for name, row in by_model.items()},
+            "unpriced_hits": int(figures.get("unpriced_hits", 0)),
+            "by_model": {name: _figures(row) for name, row in by_model.items()},
+            "by_api": {name: _figures(row, per_api=True) for name, row in by_api.items()},
         }
 
     def db_file_bytes(self) -> int:
@@ -602,7 +612,7 @@ class RedisStore(CacheStore):
                 near = NearRecord(record["near_group"], base64.b64decode(record.get("near_fingerprints") or ""))
             outcome = self._write_entry(
                 record["key"], self.clock(), record["expires_at"], record["mode"], record["model"],
-                record["request_json"], record["response_json"], record["namespace"], near, (0, 0, 0.0, 0.0),
+                record["request_json"], record["response_json"], record["namespace"], near, (0, 0, 0.0, 0.0, False),
                 only_if_absent=True, created_at=record["created_at"], updated_at=record["updated_at"])
             inserted += outcome != "present"
         return inserted
@@ -656,14 +666,22 @@ class RedisStore(CacheStore):
             pipe.hincrby(counters, "coalesced", sum(requests.coalesced.values()))
         if requests.near_hits:
             pipe.hincrby(counters, "near_hits", sum(requests.near_hits.values()))
+        # A model or API is listed from its first counted request, as SQLite's rows are; its
+        # hits (and what they saved) are added by the HITS script.
         for (model, status), count in requests.by_model_status.items():
+            pipe.sadd(self.key("models"), model)
             if status in ("MISS", "BYPASS"):
-                pipe.sadd(self.key("models"), model)
                 pipe.hincrby(self.key("model:", model), "misses" if status == "MISS" else "bypasses", count)
         for field, per_model in (("coalesced", requests.coalesced), ("near_hits", requests.near_hits)):
             for model, count in per_model.items():
                 pipe.sadd(self.key("models"), model)
                 pipe.hincrby(self.key("model:", model), field, count)
+        for (api, status), count in requests.by_api_status.items():
+            pipe.sadd(self.key("apis"), api)
+            if status in ("MISS", "BYPASS"):
+                pipe.hincrby(self.key("api:", api), "misses" if status == "MISS" else "bypasses", count)
+        for api, count in requests.api_coalesced.items():
+            pipe.hincrby(self.key("api:", api), "coalesced", count)
         for (bucket, status), count in requests.timeline.items():
             name = self.key("tl:", str(bucket))
             pipe.hincrby(name, status, count)
@@ -754,14 +772,21 @@ class RedisStore(CacheStore):
         self.client.connection_pool.disconnect()
 
 
-def _model_figures(row: dict) -> dict:
+def _figures(row: dict, *, per_api: bool = False) -> dict:
+    """A ``P model:<m>`` hash as SQLite's by_model figures, or (``per_api``) a ``P api:<mode>``
+    hash as its by_api figures: no near hits there, hits on unpriced entries instead."""
     figures = {name.decode(): float(value) for name, value in row.items()}
     hits, misses = int(figures.get("hits", 0)), int(figures.get("misses", 0))
-    return {"hits": hits, "misses": misses, "bypasses": int(figures.get("bypasses", 0)),
-            "coalesced": int(figures.get("coalesced", 0)), "near_hits": int(figures.get("near_hits", 0)),
-            "hit_rate": hit_rate(hits, misses),
-            **savings(figures.get("prompt_tokens_saved", 0), figures.get("completion_tokens_saved", 0),
-                      figures.get("cost_saved_usd", 0), figures.get("time_saved_seconds", 0))}
+    counted = {"hits": hits, "misses": misses, "bypasses": int(figures.get("bypasses", 0)),
+               "coalesced": int(figures.get("coalesced", 0))}
+    if not per_api:
+        counted["near_hits"] = int(figures.get("near_hits", 0))
+    counted["hit_rate"] = hit_rate(hits, misses)
+    counted.update(savings(figures.get("prompt_tokens_saved", 0), figures.get("completion_tokens_saved", 0),
+                           figures.get("cost_saved_usd", 0), figures.get("time_saved_seconds", 0)))
+    if per_api:
+        counted["unpriced_hits"] = int(figures.get("unpriced_hits", 0))
+    return counted
 
 
 def _password_of(url: str) -> str | None:

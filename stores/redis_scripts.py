@@ -50,7 +50,7 @@ end
 # ARGV: prefix, key, now, server ttl, own expires_at ('' = the server's TTL), mode, model,
 # request, response, namespace ('' = default), prompt/completion tokens, cost, upstream seconds,
 # size, near group ('' = none), near fingerprints, grace ms, only_if_absent ('1': import),
-# created_at/updated_at to use ('' = now; import).
+# created_at/updated_at to use ('' = now; import), unpriced ('1': the price table had no cost).
 PUT = WRITES + _LUA_ADD + """
 local P, key, now_s = ARGV[1], ARGV[2], ARGV[3]
 local now, ttl = tonumber(now_s), tonumber(ARGV[4])
@@ -89,7 +89,7 @@ redis.call('DEL', e)
 local fields = {'mode', ARGV[6], 'model', model, 'request_json', ARGV[8], 'response_json', ARGV[9],
   'created_at', created_s, 'updated_at', updated_s, 'hits', hits, 'expires_at', own_s,
   'namespace', ns, 'prompt_tokens', ARGV[11], 'completion_tokens', ARGV[12], 'cost_usd', ARGV[13],
-  'upstream_seconds', ARGV[14], 'size', ARGV[15]}
+  'upstream_seconds', ARGV[14], 'size', ARGV[15], 'unpriced', ARGV[22]}
 if last_hit then table.insert(fields, 'last_hit_at'); table.insert(fields, last_hit) end
 if group ~= '' then
   table.insert(fields, 'near_group'); table.insert(fields, group)
@@ -126,15 +126,16 @@ redis.call('HINCRBY', P .. 'counters', 'stored_bytes', tonumber(ARGV[15]))
 return outcome
 """.replace("NEVER", repr(NEVER_EXPIRES))
 
-# Adds hits counted in memory: to the entry, its recency, and the savings totals.
+# Adds hits counted in memory: to the entry, its recency, and the savings totals (in all, of its
+# model and of its API, the entry's mode; hits on an unpriced entry are counted apart).
 # ARGV: prefix, then (key, count, last hit time) triples.
-HITS = WRITES + """
+HITS = WRITES + _LUA_ADD + """
 local P = ARGV[1]
 for i = 2, #ARGV, 3 do
   local key, count, last_s = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local e = P .. 'e:' .. key
   local f = redis.call('HMGET', e, 'model', 'prompt_tokens', 'completion_tokens', 'cost_usd',
-                       'upstream_seconds', 'last_hit_at')
+                       'upstream_seconds', 'last_hit_at', 'mode', 'unpriced')
   if f[1] then
     redis.call('HINCRBY', e, 'hits', count)
     if not tonumber(f[6]) or tonumber(f[6]) < tonumber(last_s) then
@@ -142,16 +143,20 @@ for i = 2, #ARGV, 3 do
       redis.call('ZADD', P .. 'i:recency', last_s, key)
     end
     redis.call('ZINCRBY', P .. 'i:hits', count, key)
-    local c, m = P .. 'counters', P .. 'model:' .. f[1]
+    local c, m, a = P .. 'counters', P .. 'model:' .. f[1], P .. 'api:' .. (f[7] or '')
+    local unpriced = f[8] == '1' and count or 0
     redis.call('HINCRBY', c, 'hits', count)
     redis.call('SADD', P .. 'models', f[1])
-    for _, target in ipairs({c, m}) do
+    redis.call('SADD', P .. 'apis', f[7] or '')
+    for _, target in ipairs({c, m, a}) do
       redis.call('HINCRBY', target, target == c and 'hits_served' or 'hits', count)
       redis.call('HINCRBY', target, 'prompt_tokens_saved', count * tonumber(f[2] or '0'))
       redis.call('HINCRBY', target, 'completion_tokens_saved', count * tonumber(f[3] or '0'))
       redis.call('HINCRBYFLOAT', target, 'cost_saved_usd', count * tonumber(f[4] or '0'))
       redis.call('HINCRBYFLOAT', target, 'time_saved_seconds', count * tonumber(f[5] or '0'))
     end
+    add(c, 'unpriced_hits', unpriced)
+    add(a, 'unpriced_hits', unpriced)
   end
 end
 return 1

@@ -171,6 +171,39 @@ def test_many_instances__stats_on_either_count_both_instances_hits(fleet):
     assert [item["hits"] for item in listed] == [5]
 
 
+def test_many_instances__messages_and_responses_shared_and_counted_by_api(fleet):
+    """A Messages (anthropic SDK) and a Responses (openai SDK) miss on one instance are hits on
+    the other, and either instance's /cache/stats counts both instances' requests by API."""
+    import anthropic
+
+    first, second = fleet.instances
+    message = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "shared message"}]}
+    messages = [anthropic.Anthropic(base_url=instance.url, api_key="sk-client", max_retries=0)
+                .messages.with_raw_response.create(**message) for instance in (first, second)]
+    responses = [client(instance).responses.with_raw_response.create(model="gpt-4o", input="shared response")
+                 for instance in (first, second)]
+
+    assert [status(raw) for raw in messages] == ["MISS", "HIT"]
+    assert [status(raw) for raw in responses] == ["MISS", "HIT"]
+    assert messages[1].parse().model_dump() == messages[0].parse().model_dump()
+    assert responses[1].parse().model_dump() == responses[0].parse().model_dump()
+    assert (len(fleet.upstream.calls("/messages")), len(fleet.upstream.calls("/responses"))) == (1, 1)
+
+    def counted(instance: Gunicorn) -> dict:
+        by_api = requests.get(instance.url + "/cache/stats").json()["by_api"]
+        return {api: (by_api.get(api, {}).get("hits"), by_api.get(api, {}).get("misses"))
+                for api in ("messages", "responses")}
+
+    # Each instance writes its counters every CACHE_HIT_FLUSH_SECONDS (0.2 s here).
+    expected = {"messages": (1, 1), "responses": (1, 1)}
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(counted(i) == expected for i in fleet.instances):
+        time.sleep(0.1)
+    assert [counted(instance) for instance in fleet.instances] == [expected, expected]
+    metrics = requests.get(second.url + "/metrics").text
+    assert 'computer_use_cache_api_hits_total{api="messages"} 1.0' in metrics
+
+
 def test_many_instances__clear_on_one_removes_only_the_cache_keys(fleet):
     first, second = fleet.instances
     foreign = redis.Redis.from_url(fleet.redis.url())

@@ -198,6 +198,114 @@ def test_store__hits_count_savings_per_model(store, clock):
     assert stats["stored_bytes"] > 0 and stats["since"] is not None
 
 
+def test_store__hits_count_savings_per_api_and_unpriced_apart(store):
+    """Per API (the entry's mode): requests as counted, hits and savings as they flush; hits on
+    an entry the price table could not price are counted apart, in all and per API."""
+    store.put(entry("chat", prompt_tokens=3, completion_tokens=5, cost_usd=0.25, upstream_seconds=1.5))
+    store.put(NewEntry("msg", "messages", "claude-x", '{"cache_key": "msg"}', "{}", prompt_tokens=10,
+                       completion_tokens=2, unpriced=True))
+    for key in ("chat", "msg", "msg"):
+        store.record_hit(key)
+    store.record_request("MISS", "test/model-a", api="chat")
+    store.record_request("HIT", "test/model-a", api="chat", coalesced=True)
+    store.record_request("MISS", "claude-x", api="messages")
+    store.record_request("HIT", "claude-x", api="messages", near=True)
+    store.record_request("HIT", "claude-x", api="messages")
+    store.record_request("BYPASS", "text-embedding-3-small", api="embeddings")
+    stats = store.stats()
+    by_api = stats["by_api"]
+    assert sorted(by_api) == ["chat", "embeddings", "messages"]
+    assert {api: (f["hits"], f["misses"], f["bypasses"], f["coalesced"]) for api, f in by_api.items()} == {
+        "chat": (1, 1, 0, 1), "messages": (2, 1, 0, 0), "embeddings": (0, 0, 1, 0)}
+    assert by_api["chat"]["cost_saved_usd"] == 0.25 and by_api["chat"]["time_saved_seconds"] == 1.5
+    assert by_api["chat"]["unpriced_hits"] == 0 and by_api["chat"]["hit_rate"] == 0.5
+    assert by_api["messages"]["tokens_saved"] == {"prompt": 20, "completion": 4, "total": 24}
+    assert (by_api["messages"]["cost_saved_usd"], by_api["messages"]["unpriced_hits"]) == (0, 2)
+    assert by_api["embeddings"]["hit_rate"] is None
+    assert stats["unpriced_hits"] == 2 and stats["near_hits"] == 1
+    assert stats["by_model"]["claude-x"]["near_hits"] == 1
+
+
+def test_store__unpriced_follows_the_latest_store(store, clock):
+    store.put(NewEntry("k", "responses", "m", '{"cache_key": "k"}', "{}", prompt_tokens=1, unpriced=True))
+    store.record_hit("k")
+    store.flush()
+    store.put(NewEntry("k", "responses", "m", '{"cache_key": "k"}', "{}", prompt_tokens=1, cost_usd=0.5))
+    store.record_hit("k")
+    responses = store.stats()["by_api"]["responses"]
+    assert (responses["hits"], responses["unpriced_hits"], responses["cost_saved_usd"]) == (2, 1, 0.5)
+
+
+def test_store__imported_entries_count_their_hits_by_api(open_store, backend):
+    origin = open_store(backend, "origin")
+    origin.put(NewEntry("r", "responses", "m", '{"cache_key": "r"}', "{}", prompt_tokens=4, unpriced=True))
+    copy = open_store(backend, "copy")
+    assert copy.insert_new(list(origin.export_rows())) == 1
+    copy.record_hit("r")
+    # What one hit saved does not travel with an export (on either backend): $0, not unpriced.
+    assert copy.stats()["by_api"]["responses"] == {
+        "hits": 1, "misses": 0, "bypasses": 0, "coalesced": 0, "hit_rate": 1.0,
+        "tokens_saved": {"prompt": 0, "completion": 0, "total": 0}, "cost_saved_usd": 0,
+        "time_saved_seconds": 0, "unpriced_hits": 0}
+
+
+def shape(value):
+    """The keys of a stats object, nested, with the type of each value (numbers as one type)."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return type(value).__name__
+    if isinstance(value, (int, float)):
+        return "number"
+    return type(value).__name__
+
+
+def drive_every_counter(store, clock) -> None:
+    """Something in every figure the stats have: entries of two APIs, exact, near, coalesced and
+    unpriced hits, a miss and a bypass."""
+    store.put(entry("a", prompt_tokens=3, completion_tokens=5, cost_usd=0.25, upstream_seconds=1.5))
+    store.put(NewEntry("b", "messages", "claude-x", '{"cache_key": "b"}', "{}", prompt_tokens=7,
+                       unpriced=True), near=NearRecord("g", b"\x01"))
+    clock.advance(1)
+    for key in ("a", "b", "b"):
+        store.record_hit(key)
+    store.record_request("MISS", "test/model-a", api="chat", route="/v1/chat/completions", key="a", seconds=0.5)
+    store.record_request("HIT", "test/model-a", api="chat", key="a", coalesced=True)
+    store.record_request("HIT", "claude-x", api="messages", key="b", near=True)
+    store.record_request("HIT", "claude-x", api="messages", key="b")
+    store.record_request("BYPASS", "claude-x", api="messages")
+
+
+def test_store__stats_have_the_same_fields_and_figures_on_every_backend(open_store, clock):
+    """Key by key, nested: a field one backend gains must be added to the other."""
+    stats = {}
+    for backend in BACKENDS:
+        store = open_store(backend, f"shape-{backend}", ttl_seconds=100)
+        drive_every_counter(store, clock)
+        stats[backend] = store.stats()
+    sqlite, redis_ = stats["sqlite"], stats["redis"]
+    assert shape(sqlite) == shape(redis_)
+    # Where they live and how big that is differ by nature; every counted figure is the same.
+    where = ("db_path", "db_bytes", "since", "last_updated_at")
+    assert {key: value for key, value in sqlite.items() if key not in where} == \
+        {key: value for key, value in redis_.items() if key not in where}
+    assert sqlite["by_api"]["messages"]["unpriced_hits"] == 2 and sqlite["near_hits"] == 1
+
+
+def test_store__activity_and_entries_have_the_same_fields_on_every_backend(open_store, clock):
+    views = {}
+    for backend in BACKENDS:
+        store = open_store(backend, f"views-{backend}", ttl_seconds=100)
+        drive_every_counter(store, clock)
+        activity = store.activity(since=clock.now - 60)
+        views[backend] = {
+            "activity": {**activity, "recent": activity["recent"][:1], "timeline": activity["timeline"][:1]},
+            "listed": store.list_entries()[0], "entry": store.entry("a"),
+            "top": store.top_entries(1)[0].__dict__, "export": next(iter(store.export_rows())),
+        }
+    assert shape(views["sqlite"]) == shape(views["redis"])
+
+
 def test_store__top_entries_by_hits(store):
     store.put(entry("a", prompt_tokens=4))
     store.put(entry("b"))
