@@ -36,6 +36,9 @@ class ImageSlot(NamedTuple):
     key: str                # "url" / "image_url" (a data: URL) or "data" (bare base64)
     encoding: str           # "data_url" (data:image/png;base64,...) or "base64" (bare)
     media_type: str | None  # for "base64" slots, e.g. Anthropic's source.media_type; None for data URLs
+    # Where the holder keeps that media type (Anthropic: "media_type"), or None. Near matching
+    # blanks it with the image: the same screen re-encoded (PNG -> JPEG) changes it too.
+    media_type_key: str | None = None
 
 
 class IdSlot(NamedTuple):

@@ -96,8 +96,12 @@ class NearMatcher:
             for slot in endpoint.tool_call_ids(body):
                 number = ids.setdefault(slot.holder[slot.key], f"<tool-call-{len(ids) + 1}>")
                 changes.append((slot.holder, slot.key, number))
-            # Only images compared by what they show are blanked; any other stays as text.
-            changes += [(slot.holder, slot.key, IMAGE_PLACEHOLDER) for slot, _ in images]
+            # Only images compared by what they show are blanked; any other stays as text. A
+            # media type kept beside the image goes too: re-encoding the screen changes it.
+            for slot, _ in images:
+                changes.append((slot.holder, slot.key, IMAGE_PLACEHOLDER))
+                if slot.media_type_key is not None:
+                    changes.append((slot.holder, slot.media_type_key, IMAGE_PLACEHOLDER))
             normalised = canonical_request(self.settings, endpoint.mode, body, changes=changes,
                                            key_extra=decision.key_extra)
             return hash_canonical("near\n" + normalised, partition, decision.namespace)

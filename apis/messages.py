@@ -238,7 +238,8 @@ def message_images(body: Mapping[str, Any]) -> Iterator[ImageSlot]:
         if (block.get("type") == "image" and isinstance(source, dict)
                 and source.get("type") == "base64" and isinstance(source.get("data"), str)):
             media_type = source.get("media_type")
-            yield ImageSlot(source, "data", "base64", media_type if isinstance(media_type, str) else None)
+            yield ImageSlot(source, "data", "base64", media_type if isinstance(media_type, str) else None,
+                            "media_type" if "media_type" in source else None)
 
 
 def message_tool_call_ids(body: Mapping[str, Any]) -> Iterator[IdSlot]:
