@@ -19,6 +19,7 @@ from config import MATCH_MODES, Settings
 from errors import InvalidRequest
 from images import PLAIN_JSON_ASCII, ImageSlot, image_discount, image_texts
 from secret_scan import CREDENTIAL_PATTERN, base64_payload_start, contains_secret  # noqa: F401 (re-exported)
+from secret_scan import without_bare_base64
 
 # Body fields that steer the proxy or the transport, never the answer.
 ALWAYS_IGNORED_KEYS = frozenset({"stream", "stream_options", "cache", "cache_control", "metadata"})
@@ -427,7 +428,9 @@ def decide(
     if len(canonical) > settings.cache_max_input_chars and \
             len(canonical) - image_discount(image_texts(images)) > settings.cache_max_input_chars:
         return bypass("request is too large for cache")
-    if contains_credentials(canonical, clean_strings):
+    bare = [slot.holder[slot.key] for slot in images if slot.encoding == "base64"]
+    scanned = without_bare_base64(canonical, bare) if bare else canonical
+    if contains_credentials(scanned, clean_strings):
         return bypass("request appears to contain credentials or secrets")
     if controls.no_store and controls.no_cache:
         return bypass("Cache-Control: no-store, no-cache requested")

@@ -179,6 +179,42 @@ def without_base64_data(text: str, clean_strings: Sequence[str] = ()) -> str:
     return " ".join(pieces)
 
 
+def without_bare_base64(text: str, payloads: Sequence[str]) -> str:
+    """The text less each of ``payloads`` (bare base64 image data, such as an Anthropic image's
+    ``source.data``, which has no ``;base64,`` marker for ``without_base64_data`` to find).
+
+    Each payload is looked for in text order (one memchr-speed search); where it stands as a whole
+    base64 run, with no label start in the characters before it (nothing can reach into it) and
+    ``_opaque_payload`` allows, it becomes one space. Anything else is kept and scanned.
+    """
+    pieces = []
+    kept_from = position = 0
+    for payload in payloads:
+        if len(payload) < _MIN_BARE_PAYLOAD or not payload.isascii() \
+                or payload.encode("ascii").translate(None, _BASE64_BYTES):
+            continue
+        start = text.find(payload, position)
+        if start < 0:
+            continue
+        end = start + len(payload)
+        position = end
+        before = text[max(0, start - _LOOK_BEFORE_BARE):start].lower()
+        if (text.startswith(_BASE64_CHARS, end) or text.endswith(_BASE64_CHARS, 0, start)
+                or any(label in before for label in _LABEL_STARTS)):
+            continue
+        if _opaque_payload(text, start, end):
+            pieces.append(text[kept_from:start])
+            kept_from = end
+    if not pieces:
+        return text
+    pieces.append(text[kept_from:])
+    return " ".join(pieces)
+
+
+_MIN_BARE_PAYLOAD = 256  # shorter ones cost nothing to scan
+_LOOK_BEFORE_BARE = 32  # a label this close could run into the payload: keep it then
+
+
 # What of each token prefix can stand in a base64 run ("sk" of "sk-", "ghp" of "ghp_").
 _TOKEN_STEMS = tuple(sorted({_BASE64_RUN.match(prefix).group() for kind in TOKEN_KINDS
                              for prefix in kind.prefixes} - {""}))

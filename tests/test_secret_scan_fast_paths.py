@@ -142,3 +142,70 @@ _TOKEN_PIECES = st.sampled_from([
 @hypothesis_settings(max_examples=1500, deadline=None)
 def test_find_secret_kind__same_kind_as_searching_every_prefix(text):
     assert find_secret_kind(text) == _reference_find_secret_kind(text)
+
+
+# -- bare base64 image data (Anthropic's image sources) ---------------------------------------
+
+def _anthropic_body(data: str, text: str = "Click the button.") -> dict:
+    return {"model": "claude", "max_tokens": 10, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": text},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}]}]}
+
+
+def _decide(body: dict):
+    import config
+    from apis.messages import MESSAGES
+    from cache_policy import decide
+    settings = config.load_settings({})
+    return decide(settings, "messages", body, images=MESSAGES.inline_images(body))
+
+
+def test_without_bare_base64__cuts_each_payload_found_as_a_whole_run():
+    payload = base64.b64encode(random.Random(3).randbytes(3000)).decode()
+    text = canonical_json(_anthropic_body(payload))
+    cut = secret_scan.without_bare_base64(text, [payload])
+    assert payload not in cut and cut.replace(" ", "") == text.replace(payload, "").replace(" ", "")
+    # Not a whole run (base64 on either side), or too short to matter: kept.
+    assert secret_scan.without_bare_base64("A" + payload, [payload]) == "A" + payload
+    assert secret_scan.without_bare_base64("x" + payload[:100], [payload[:100]]) == "x" + payload[:100]
+
+
+def test_without_bare_base64__keeps_a_payload_a_label_could_reach_into():
+    payload = base64.b64encode(random.Random(4).randbytes(3000)).decode()
+    text = '{"api_key":"' + payload + '"}'
+    assert secret_scan.without_bare_base64(text, [payload]) == text
+
+
+def test_decide__a_credential_beside_an_anthropic_screenshot_still_bypasses():
+    payload = base64.b64encode(random.Random(5).randbytes(200_000)).decode()
+    assert _decide(_anthropic_body(payload)).reason is None
+    leaked = _decide(_anthropic_body(payload, "my api_key: sk-live-0123456789abcdef0123"))
+    assert leaked.reason == "request appears to contain credentials or secrets"
+
+
+def test_decide__an_anthropic_screenshot_costs_the_scan_no_more_than_a_chat_one():
+    """The scan leaves bare base64 image data out as it does data: URL payloads (it read every
+    byte of an Anthropic screenshot before: ~10x the chat request's decision)."""
+    import config
+    from apis.chat import CHAT
+    from cache_policy import decide
+    payload = base64.b64encode(random.Random(6).randbytes(300_000)).decode()
+    scanned = []
+    original = secret_scan.find_secret_kind
+
+    def recording(text, clean_strings=()):
+        scanned.append(len(secret_scan.without_base64_data(text, clean_strings)))
+        return original(text, clean_strings)
+
+    import cache_policy
+    cache_policy.contains_secret, saved = recording, cache_policy.contains_secret
+    try:
+        _decide(_anthropic_body(payload))
+        chat = {"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Click the button."},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + payload}}]}]}
+        decide(config.load_settings({}), "chat", chat, images=CHAT.inline_images(chat))
+    finally:
+        cache_policy.contains_secret = saved
+    messages_scanned, chat_scanned = scanned
+    assert messages_scanned < 1000 and chat_scanned < 1000, scanned
