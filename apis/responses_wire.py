@@ -47,6 +47,9 @@ def validate_responses(body: Mapping[str, Any]) -> None:
     for index, item in enumerate(items if isinstance(items, list) else ()):
         if not isinstance(item, dict):
             raise InvalidRequest(f"input[{index}] must be an object.", param=f"input[{index}]")
+        if "role" in item and not isinstance(item.get("content"), (str, list)):
+            raise InvalidRequest(f"input[{index}].content must be a string or an array.",
+                                 param=f"input[{index}].content")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("stream must be a boolean.", param="stream")

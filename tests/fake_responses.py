@@ -127,8 +127,8 @@ def _input_text(request: dict) -> str:
         content = item.get("content") if isinstance(item, dict) else None
         if isinstance(content, str):
             return content
-        texts = [part.get("text") for part in content or [] if isinstance(part, dict)
-                 and isinstance(part.get("text"), str)]
+        texts = [part.get("text") for part in content if isinstance(part, dict)
+                 and isinstance(part.get("text"), str)] if isinstance(content, list) else []
         if texts:
             return " ".join(texts)
     return ""

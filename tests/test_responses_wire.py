@@ -469,6 +469,8 @@ def test_validate_responses__accepts_what_the_api_accepts(body):
     ({"model": "m", "input": 5}, "input"),
     ({"model": "m", "input": {"role": "user"}}, "input"),
     ({"model": "m", "input": [{"role": "user", "content": "a"}, "b"]}, "input[1]"),
+    ({"model": "m", "input": [{"role": "user", "content": 5}]}, "input[0].content"),
+    ({"model": "m", "input": [{"role": "user"}]}, "input[0].content"),
     ({"model": "m", "input": "hi", "stream": "yes"}, "stream"),
 ])
 def test_validate_responses__rejects_with_the_parameter_named(body, param):
