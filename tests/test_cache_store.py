@@ -253,9 +253,13 @@ def test_sqlite_store__unopenable_path_raises_store_error(tmp_path):
 
     blocker = tmp_path / "file"
     blocker.write_text("")
-    store = SQLiteStore(str(blocker / "sub" / "c.sqlite3"), hit_flush_seconds=0)
-    with pytest.raises(StoreError):
-        store.get("k")
+    # No background maintainer: it would go on failing (and logging) into later tests.
+    store = SQLiteStore(str(blocker / "sub" / "c.sqlite3"), hit_flush_seconds=0, maintenance_seconds=0)
+    try:
+        with pytest.raises(StoreError):
+            store.get("k")
+    finally:
+        store.close()
 
 
 def _completions_writes(statements: list[str]) -> set[str]:
