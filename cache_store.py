@@ -120,16 +120,31 @@ class CacheStore(ABC):
         ``ttl_seconds``: the entry's own lifetime (0 = never expires); ``near``: its near-matching
         record, replaced with the entry and gone with it."""
 
-    @abstractmethod
-    def record_hit(self, key: str) -> None:
-        """Count one hit; may be held in memory until the next ``flush``."""
+    # Both backends count in memory and write the counts in batches (``flush``): they keep
+    # ``_lock``, ``_pending_hits`` (key -> [hits, last hit time]) and ``_pending_requests``.
+    _lock: threading.Lock
+    _pending_hits: dict[str, list[float]]
+    _pending_requests: "RequestTally"
 
-    @abstractmethod
+    def record_hit(self, key: str) -> None:
+        """Count a hit in memory; written with the next batch, not on the request path."""
+        now = self.clock()
+        with self._lock:
+            pending = self._pending_hits.get(key)
+            if pending is None:
+                self._pending_hits[key] = [1, now]
+            else:
+                pending[0] += 1
+                pending[1] = now
+
     def record_request(self, status: str, model: str, *, route: str = "", key: str | None = None,
                        seconds: float = 0.0, coalesced: bool = False, api: str = "",
                        near: bool = False) -> None:
         """Count one answered request (HIT, MISS or BYPASS) of an API (its mode; ``near``: a near
-        hit); may be held until the next flush."""
+        hit) in memory; written with the hits."""
+        at = self.clock()
+        with self._lock:
+            self._pending_requests.add(at, route, status, model, key, seconds, coalesced, api, near)
 
     @abstractmethod
     def unavailable_reason(self) -> str | None:
@@ -968,25 +983,6 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing, CacheStore):
         finally:
             self._checkin(db, generation)
 
-    def record_hit(self, key: str) -> None:
-        """Count a hit in memory; written with the next batch, not on the request path."""
-        now = self.clock()
-        with self._lock:
-            pending = self._pending_hits.get(key)
-            if pending is None:
-                self._pending_hits[key] = [1, now]
-            else:
-                pending[0] += 1
-                pending[1] = now
-
-    def record_request(self, status: str, model: str, *, route: str = "", key: str | None = None,
-                       seconds: float = 0.0, coalesced: bool = False, api: str = "",
-                       near: bool = False) -> None:
-        """Count one answered request (HIT, MISS or BYPASS) of an API (its mode) in memory;
-        ``near``: a near hit. Written with the hits."""
-        at = self.clock()
-        with self._lock:
-            self._pending_requests.add(at, route, status, model, key, seconds, coalesced, api, near)
 
     def delete(self, key: str) -> bool:
         return bool(self._write(

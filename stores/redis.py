@@ -344,23 +344,6 @@ class RedisStore(CacheStore):
             raise StoreError(f"text Redis cannot hold: {exc.reason}") from exc
         return self.run("write", lambda: self._put(args=args)).decode()
 
-    def record_hit(self, key: str) -> None:
-        """Count a hit in memory; written with the next batch, not on the request path."""
-        now = self.clock()
-        with self._lock:
-            pending = self._pending_hits.get(key)
-            if pending is None:
-                self._pending_hits[key] = [1, now]
-            else:
-                pending[0] += 1
-                pending[1] = now
-
-    def record_request(self, status: str, model: str, *, route: str = "", key: str | None = None,
-                       seconds: float = 0.0, coalesced: bool = False, api: str = "",
-                       near: bool = False) -> None:
-        at = self.clock()
-        with self._lock:
-            self._pending_requests.add(at, route, status, model, key, seconds, coalesced, api, near)
 
     def near_candidates(self, group: str, limit: int = 16) -> list[tuple[str, bytes]]:
         """Live entries of the group, most recently stored first (expired ones are skipped)."""
