@@ -572,9 +572,14 @@ def test_sqlite_store__a_batch_that_meets_another_writer_fails_once_for_all(tmp_
 
 @pytest.mark.parametrize("period", [1e10, float("inf")])
 def test_sqlite_store__a_very_long_flush_period_still_checkpoints_after_many_stores(tmp_path, period):
+    def running_flushers() -> set[threading.Thread]:
+        return {thread for thread in threading.enumerate() if thread.name == "cache-hit-flusher"}
+
+    # Only this store's flusher: another test's closed store may still have one winding down.
+    before = running_flushers()
     store = SQLiteStore(str(tmp_path / "c.sqlite3"), hit_flush_seconds=period, maintenance_seconds=0)
     store.put(entry("first"))
-    flushers = [thread for thread in threading.enumerate() if thread.name == "cache-hit-flusher"]
+    flushers = running_flushers() - before
     screenshot = "A" * (1 << 20)
     for n in range(6):  # past CHECKPOINT_AFTER_BYTES: the flusher is woken to checkpoint
         store.put(NewEntry(f"big{n}", "chat", "test/model-a", json.dumps({"shot": screenshot}), "{}"))
@@ -582,7 +587,7 @@ def test_sqlite_store__a_very_long_flush_period_still_checkpoints_after_many_sto
     while store._bytes_since_checkpoint > CHECKPOINT_AFTER_BYTES and time.monotonic() < deadline:
         time.sleep(0.02)
 
-    assert flushers and all(thread.is_alive() for thread in flushers)
+    assert len(flushers) == 1 and all(thread.is_alive() for thread in flushers)
     assert store._bytes_since_checkpoint <= CHECKPOINT_AFTER_BYTES  # 6 MB written: it ran
     store.close()
 
