@@ -171,7 +171,9 @@ class CompletionProxy:
         target = api.upstream_target(self.settings)
         partitioned = not target.api_key and not self.settings.cache_share_across_keys
         headers = api.key_headers + (api.client_key_headers if partitioned else ())
-        return ApiSetup(target, partitioned, tuple(environ_key(name) for name in headers))
+        # The query string goes upstream and into the key (``_with_query``): the fast lane's too.
+        fingerprint_keys = tuple(environ_key(name) for name in headers) + ("QUERY_STRING",)
+        return ApiSetup(target, partitioned, fingerprint_keys)
 
     # -- entry point ----------------------------------------------------------------------------
 
@@ -258,9 +260,7 @@ class CompletionProxy:
         body = request.get_data()
         if body:
             parse_json_body(request)  # refused here in the API's shape; the client's bytes go on
-        if request.query_string:
-            upstream_path += "?" + request.query_string.decode("latin-1")
-        reply = self.upstream.request(request.method, upstream_path, request.headers,
+        reply = self.upstream.request(request.method, _with_query_string(upstream_path, request), request.headers,
                                       body, self.setups[api.mode].target)
         if not 200 <= reply.status < 300:
             reason = "upstream returned an error"
@@ -317,7 +317,7 @@ class CompletionProxy:
             partition=partition,
             controls=parse_request_controls(request.headers),
             images=api.inline_images(body),
-            key_extra=api.key_extra(body, request.headers),
+            key_extra=_with_query(api.key_extra(body, request.headers), request),
         )
         if decision.bypass:
             return decision
@@ -415,8 +415,8 @@ class CompletionProxy:
         return forwarded_json(forwarded).encode("utf-8", "surrogatepass")
 
     def _forward(self, api: Api, body: dict, request: Request, decision: Decision) -> Response:
-        reply = self.upstream.request("POST", api.upstream_path, request.headers,
-                                      self._upstream_body(request, body),
+        reply = self.upstream.request("POST", _with_query_string(api.upstream_path, request),
+                                      request.headers, self._upstream_body(request, body),
                                       self.setups[api.mode].target)
         outcome = self._initial_outcome(decision)
         passthrough = relayable_headers(reply.headers)
@@ -526,7 +526,7 @@ class CompletionProxy:
                 cleanup()
 
     def _open_stream(self, api: Api, body: dict, request: Request, extra: dict | None) -> UpstreamStream:
-        return self.upstream.open("POST", api.upstream_path, request.headers,
+        return self.upstream.open("POST", _with_query_string(api.upstream_path, request), request.headers,
                                   self._upstream_body(request, body, extra),
                                   self.setups[api.mode].target)
 
@@ -637,3 +637,19 @@ class _Cleanup:
     def __call__(self) -> None:
         self.close_stream()
         self.release_flight()
+
+
+def _with_query_string(upstream_path: str, request: Request) -> str:
+    """The upstream path with the client's query string, as sent (the anthropic SDK's beta
+    client, and so Claude Code, posts to ``/v1/messages?beta=true``)."""
+    if not request.query_string:
+        return upstream_path
+    return upstream_path + "?" + request.query_string.decode("latin-1")
+
+
+def _with_query(key_extra: dict | None, request: Request) -> dict | None:
+    """Key material with the query string, when one was sent: it goes upstream, so it may change
+    the answer. Without one the key is what it always was (existing entries keep hitting)."""
+    if not request.query_string:
+        return key_extra
+    return {**(key_extra or {}), "query_string": request.query_string.decode("latin-1")}

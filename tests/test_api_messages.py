@@ -196,6 +196,28 @@ def test_messages__version_and_beta_headers_are_forwarded_and_keyed(client, fake
     assert calls[2].headers["anthropic-version"] == "2024-01-01"
 
 
+def test_messages__the_beta_clients_query_string_goes_upstream_and_into_the_key(client, fake_upstream):
+    """Claude Code (the TypeScript SDK's beta client) posts to /v1/messages?beta=true."""
+    beta = {"beta": "true"}
+
+    def beta_create():
+        raw = client.beta.messages.with_raw_response.create(model=MODEL, max_tokens=256, messages=USER,
+                                                            extra_query=beta)
+        return raw.parse(), raw.headers
+
+    first, first_headers = beta_create()
+    again, again_headers = beta_create()
+    streamed = client.beta.messages.stream(model=MODEL, max_tokens=256, messages=USER, extra_query=beta)
+    with streamed as stream:
+        final, stream_headers = stream.get_final_message(), stream.response.headers
+    _, plain = create(client)
+    _, other_query = create(client, extra_query={"beta": "false"})
+    assert [h[STATUS] for h in (first_headers, again_headers, stream_headers, plain, other_query)] == [
+        "MISS", "HIT", "HIT", "MISS", "MISS"]
+    assert again.model_dump() == first.model_dump() and final.content[0].text == first.content[0].text
+    assert [call.query for call in fake_upstream.calls("/messages")] == ["beta=true", "", "beta=false"]
+
+
 def test_messages__prompt_caching_is_forwarded_and_keyed(http, proxy, fake_upstream):
     system = [{"type": "text", "text": "You operate a computer.", "cache_control": {"type": "ephemeral"}}]
     body = {"model": MODEL, "max_tokens": 16, "messages": USER, "system": system}
