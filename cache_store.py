@@ -82,12 +82,15 @@ class CacheStore(ABC):
     make on a store. Failures raise ``StoreError``; callers then answer without the cache.
 
     Attributes every backend has: ``clock`` (the time source, injectable in tests),
-    ``ttl_seconds`` (the server's TTL) and ``on_error`` (told "read"/"write" on each failure).
+    ``ttl_seconds`` (the server's TTL), ``on_error`` (told "read"/"write" on each failure), and
+    the periods of its background flusher and maintainer.
     """
 
     clock: Callable[[], float]
     ttl_seconds: float
     on_error: Callable[[str], None] | None
+    hit_flush_seconds: float
+    maintenance_seconds: float
 
     # -- the expiry rule, the same for every backend ---------------------------------------------
 
@@ -106,6 +109,46 @@ class CacheStore(ABC):
         if expires_at is not None:
             return None if expires_at >= NEVER_EXPIRES else expires_at
         return created_at + self.ttl_seconds if self.ttl_seconds > 0 else None
+
+    # -- the background threads' loops, the same for every backend -------------------------------
+
+    # Maintenance failures logged quietly (debug) rather than with a traceback: the backend's
+    # "cannot reach it right now" (Redis down is reported by /healthz already).
+    quiet_maintenance_errors: tuple[type[Exception], ...] = ()
+
+    def _flush_forever(self, stop: threading.Event, wake: threading.Event) -> None:
+        """The hit flusher: every ``hit_flush_seconds``, or sooner when woken."""
+        while True:
+            # A period past what a wait can take (CACHE_HIT_FLUSH_SECONDS=1e10) means "only when
+            # woken", not a dead flusher.
+            wake.wait(min(self.hit_flush_seconds, threading.TIMEOUT_MAX))
+            wake.clear()
+            if stop.is_set():
+                return
+            try:
+                self.flush()
+            except Exception:  # keep flushing whatever one batch did
+                log.exception("hit counter flush failed")
+            self.after_flush()
+
+    def after_flush(self) -> None:
+        """What the backend does after each background flush (SQLite checkpoints its log)."""
+
+    def _maintain_forever(self, stop: threading.Event, wake: threading.Event) -> None:
+        """The maintainer: a pass at once (purge what expired while we were down), then every
+        ``maintenance_seconds``; a pass woken early (over a bound) evicts without purging."""
+        timeout = self.maintenance_seconds if self.maintenance_seconds > 0 else None
+        periodic = True
+        while not stop.is_set():
+            try:
+                self.maintain(purge=periodic, stop=stop)
+            except self.quiet_maintenance_errors as exc:
+                log.debug("cache maintenance skipped: %s", exc)
+            except Exception:  # the next pass tries again
+                log.exception("cache maintenance failed")
+            woken = wake.wait(timeout)
+            wake.clear()
+            periodic = not woken
 
     # -- the request path ----------------------------------------------------------------------
 
@@ -1221,19 +1264,8 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing, CacheStore):
         )
         thread.start()
 
-    def _flush_forever(self, stop: threading.Event, wake: threading.Event) -> None:
-        while True:
-            # A flush period, or woken early by many stores. A period past what a wait can take
-            # (CACHE_HIT_FLUSH_SECONDS=1e10) means "only when woken", not a dead flusher.
-            wake.wait(min(self.hit_flush_seconds, threading.TIMEOUT_MAX))
-            wake.clear()
-            if stop.is_set():
-                return
-            try:
-                self.flush()
-            except Exception:  # keep flushing whatever one batch did
-                log.exception("hit counter flush failed")
-            self.checkpoint()
+    def after_flush(self) -> None:
+        self.checkpoint()
 
     def checkpoint(self) -> None:
         """Copy the write-ahead log back into the database, off the request path.

@@ -63,18 +63,6 @@ class StoreMaintenance:
             )
             thread.start()
 
-    def _maintain_forever(self, stop: threading.Event, wake: threading.Event) -> None:
-        timeout = self.maintenance_seconds if self.maintenance_seconds > 0 else None
-        periodic = True  # the first pass runs at once: purge what expired while we were down
-        while not stop.is_set():
-            try:
-                self.maintain(purge=periodic, stop=stop)
-            except Exception:  # the next pass tries again
-                log.exception("cache maintenance failed")
-            woken = wake.wait(timeout)
-            wake.clear()
-            periodic = not woken
-
     def maintain(self, *, purge: bool = True,
                  stop: threading.Event | None = None) -> MaintenanceReport:
         """Purge expired entries, evict over the bounds, hand free pages back to the file system.

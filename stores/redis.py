@@ -140,6 +140,8 @@ def _stored_float(value: float | None) -> str:
 class RedisStore(CacheStore):
     """Cache entries in Redis, shared by every instance (and worker) using the same URL and prefix."""
 
+    quiet_maintenance_errors = (StoreError,)  # Redis unreachable: /healthz says so already
+
     def __init__(
         self,
         url: str,
@@ -674,32 +676,7 @@ class RedisStore(CacheStore):
             pipe.ltrim(self.key("recent"), 0, RECENT_REQUESTS_KEPT - 1)
         pipe.execute()
 
-    def _flush_forever(self, stop: threading.Event, wake: threading.Event) -> None:
-        while True:
-            wake.wait(min(self.hit_flush_seconds, threading.TIMEOUT_MAX))
-            wake.clear()
-            if stop.is_set():
-                return
-            try:
-                self.flush()
-            except Exception:  # keep flushing whatever one batch did
-                log.exception("hit counter flush failed")
-
     # -- maintenance ---------------------------------------------------------------------------
-
-    def _maintain_forever(self, stop: threading.Event, wake: threading.Event) -> None:
-        timeout = self.maintenance_seconds if self.maintenance_seconds > 0 else None
-        periodic = True
-        while not stop.is_set():
-            try:
-                self.maintain(purge=periodic, stop=stop)
-            except StoreError as exc:
-                log.debug("cache maintenance skipped: %s", exc)
-            except Exception:  # the next pass tries again
-                log.exception("cache maintenance failed")
-            woken = wake.wait(timeout)
-            wake.clear()
-            periodic = not woken
 
     def maintain(self, *, purge: bool = True, stop: threading.Event | None = None) -> MaintenanceReport:
         with self._maintenance_lock:
