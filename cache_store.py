@@ -19,7 +19,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from store_browsing import StoreBrowsing
 from store_browsing import TopEntry as TopEntry  # the dashboard imports it from here
@@ -443,6 +443,33 @@ def write_rows(db: sqlite3.Connection, sql: str, rows: list[tuple], one_by_one: 
 # expires_at of an entry stored with X-Cache-TTL: 0 (never expires, whatever the server's TTL):
 # the last second of year 9999, a finite number so exports stay plain JSON.
 NEVER_EXPIRES = 253402300799.0
+
+
+def stats_totals(counters: Mapping[str, Any], *, last_updated_at: float | None, db_path: str,
+                 ttl_seconds: float, db_bytes: int) -> dict:
+    """The whole-cache part of ``stats()`` from the store's running counters, in every backend's
+    words (the per-model and per-API parts follow it)."""
+    hits_served = int(counters.get("hits_served", 0))
+    misses = int(counters.get("misses", 0))
+    return {
+        "entries": int(counters.get("entries", 0)),
+        "hits": int(counters.get("hits", 0)),
+        "last_updated_at": last_updated_at,
+        "db_path": db_path,
+        "ttl_seconds": ttl_seconds,
+        "stored_bytes": int(counters.get("stored_bytes", 0)),
+        "since": counters.get("since"),
+        "hits_served": hits_served,
+        "misses": misses,
+        "bypasses": int(counters.get("bypasses", 0)),
+        "coalesced": int(counters.get("coalesced", 0)),
+        "near_hits": int(counters.get("near_hits", 0)),
+        "hit_rate": hit_rate(hits_served, misses),
+        "db_bytes": db_bytes,
+        **savings(counters.get("prompt_tokens_saved", 0), counters.get("completion_tokens_saved", 0),
+                  counters.get("cost_saved_usd", 0), counters.get("time_saved_seconds", 0)),
+        "unpriced_hits": int(counters.get("unpriced_hits", 0)),
+    }
 
 
 def hit_rate(hits: int, misses: int) -> float | None:
@@ -1063,26 +1090,9 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing, CacheStore):
         except sqlite3.Error as exc:
             self._report_error("read")
             raise StoreError(str(exc)) from exc
-        hits_served = int(counters.get("hits_served", 0))
-        misses = int(counters.get("misses", 0))
         return {
-            "entries": int(counters.get("entries", 0)),
-            "hits": int(counters.get("hits", 0)),
-            "last_updated_at": last_updated_at,
-            "db_path": self.path,
-            "ttl_seconds": self.ttl_seconds,
-            "stored_bytes": int(counters.get("stored_bytes", 0)),
-            "since": counters.get("since"),
-            "hits_served": hits_served,
-            "misses": misses,
-            "bypasses": int(counters.get("bypasses", 0)),
-            "coalesced": int(counters.get("coalesced", 0)),
-            "near_hits": int(counters.get("near_hits", 0)),
-            "hit_rate": hit_rate(hits_served, misses),
-            "db_bytes": self.db_bytes(),
-            **savings(counters.get("prompt_tokens_saved", 0), counters.get("completion_tokens_saved", 0),
-                      counters.get("cost_saved_usd", 0), counters.get("time_saved_seconds", 0)),
-            "unpriced_hits": int(counters.get("unpriced_hits", 0)),
+            **stats_totals(counters, last_updated_at=last_updated_at, db_path=self.path,
+                           ttl_seconds=self.ttl_seconds, db_bytes=self.db_bytes()),
             "by_model": {
                 model: {"hits": hits, "misses": model_misses, "bypasses": bypasses,
                         "coalesced": coalesced, "near_hits": near_hits,

@@ -21,7 +21,7 @@ from apis import API_LIST, Api
 from cache_policy import Decision, canonical_json, decide, forwarded_json, hash_canonical
 from cache_policy import parse_request_controls, strip_proxy_controls, switch_value
 from cache_store import CacheStore, CachedEntry, NewEntry, StoreError
-from coalesce import Coalescer
+from coalesce import SingleFlight
 from config import Settings
 from errors import PayloadTooLarge, UpstreamFailed
 from guard import body_too_large_message
@@ -152,7 +152,7 @@ class ApiSetup:
 
 class CompletionProxy:
     def __init__(self, settings: Settings, store: CacheStore, upstream: UpstreamClient,
-                 coalescer: Coalescer | None, apis: Iterable[Api] = API_LIST):
+                 coalescer: SingleFlight | None, apis: Iterable[Api] = API_LIST):
         self.settings = settings
         self.store = store
         self.upstream = upstream

@@ -26,7 +26,7 @@ from apis import API_LIST, Api
 from access_log import AccessLog
 from cache_store import CacheStore, SQLiteStore, StoreError
 from cli import cache_cli
-from coalesce import Coalescer
+from coalesce import Coalescer, SingleFlight
 from config import Settings, SettingsError, load_settings
 from dashboard import register_dashboard
 from errors import ApiError, AuthenticationFailed, InvalidRequest, MethodNotAllowed, NotFound
@@ -78,7 +78,7 @@ def store_from_settings(settings: Settings, **options: Any) -> CacheStore:
                        maintenance_seconds=settings.cache_purge_interval_seconds, **options)
 
 
-def coalescer_for(settings: Settings, store: CacheStore):
+def coalescer_for(settings: Settings, store: CacheStore) -> SingleFlight | None:
     """Where concurrent identical misses meet: a lease in Redis (every instance on it), else a
     lock file beside the SQLite database (the workers of one machine); None with CACHE_COALESCE=0."""
     if not settings.cache_coalesce:

@@ -43,7 +43,7 @@ from redis.retry import Retry
 
 from cache_store import (NEVER_EXPIRES, RECENT_REQUESTS_KEPT, REQUEST_STATUSES, TIMELINE_BUCKET_SECONDS,
                          TIMELINE_KEEP_SECONDS, CachedEntry, CacheStore, NearRecord, NewEntry, RequestTally,
-                         TopEntry, hit_rate, savings)
+                         TopEntry, hit_rate, savings, stats_totals)
 from config import redact_url
 from previews import prompt_preview
 from store_errors import StoreError
@@ -437,26 +437,9 @@ class RedisStore(CacheStore):
 
         counters, last, memory, by_model, by_api = self.run("read", read)
         figures = {name.decode(): float(value) for name, value in counters.items()}
-        hits_served = int(figures.get("hits_served", 0))
-        misses = int(figures.get("misses", 0))
         return {
-            "entries": int(figures.get("entries", 0)),
-            "hits": int(figures.get("hits", 0)),
-            "last_updated_at": last[0][1] if last else None,
-            "db_path": self.path,
-            "ttl_seconds": self.ttl_seconds,
-            "stored_bytes": int(figures.get("stored_bytes", 0)),
-            "since": figures.get("since"),
-            "hits_served": hits_served,
-            "misses": misses,
-            "bypasses": int(figures.get("bypasses", 0)),
-            "coalesced": int(figures.get("coalesced", 0)),
-            "near_hits": int(figures.get("near_hits", 0)),
-            "hit_rate": hit_rate(hits_served, misses),
-            "db_bytes": int(memory.get("used_memory", 0)),
-            **savings(figures.get("prompt_tokens_saved", 0), figures.get("completion_tokens_saved", 0),
-                      figures.get("cost_saved_usd", 0), figures.get("time_saved_seconds", 0)),
-            "unpriced_hits": int(figures.get("unpriced_hits", 0)),
+            **stats_totals(figures, last_updated_at=last[0][1] if last else None, db_path=self.path,
+                           ttl_seconds=self.ttl_seconds, db_bytes=int(memory.get("used_memory", 0))),
             "by_model": {name: _figures(row) for name, row in by_model.items()},
             "by_api": {name: _figures(row, per_api=True) for name, row in by_api.items()},
         }

@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 
-from coalesce import Flight
+from coalesce import Flight, SingleFlight
 from store_errors import StoreError
 from stores.redis import SOCKET_TIMEOUT_SECONDS, RedisStore
 
@@ -28,13 +28,11 @@ log = logging.getLogger("computer_use_cache.coalesce")
 LEASE_SECONDS = 10.0
 
 
-class RedisCoalescer:
+class RedisCoalescer(SingleFlight):
     def __init__(self, store: RedisStore, timeout_seconds: float, lease_seconds: float = LEASE_SECONDS):
+        super().__init__(timeout_seconds)
         self.store = store
-        self.timeout_seconds = timeout_seconds
         self.lease_seconds = lease_seconds
-        self._mutex = threading.Lock()
-        self._in_flight: dict[str, threading.Event] = {}
         self._held: dict[str, str] = {}  # key -> token of the leases this process holds
         self._pid: int | None = None
 
@@ -44,17 +42,16 @@ class RedisCoalescer:
     def _channel(self, key: str) -> str:
         return self.store.key("done:", key)
 
+    def _after_fork(self) -> None:
+        if self._pid != os.getpid():  # the parent's flights are not ours
+            self._pid, self._in_flight, self._held = os.getpid(), {}, {}
+            threading.Thread(target=self._renew_forever, name="cache-lease-renewer", daemon=True).start()
+
     def begin(self, key: str) -> Flight:
-        """Join the flight for key: the first caller anywhere leads, the others follow."""
-        with self._mutex:
-            if self._pid != os.getpid():  # after a fork: the parent's flights are not ours
-                self._pid, self._in_flight, self._held = os.getpid(), {}, {}
-                threading.Thread(target=self._renew_forever, name="cache-lease-renewer", daemon=True).start()
-            event = self._in_flight.get(key)
-            if event is not None:
-                return Flight(self, key, event, leader=False)
-            event = threading.Event()
-            self._in_flight[key] = event
+        joined = self._join_here(key)
+        if isinstance(joined, Flight):
+            return joined
+        event = joined
         token = secrets.token_hex(16)
         store = self.store
         try:
@@ -81,24 +78,14 @@ class RedisCoalescer:
         finally:
             self._finish(flight.key)
 
-    def _finish(self, key: str) -> None:
-        with self._mutex:
-            event = self._in_flight.pop(key, None)
-        if event is not None:
-            event.set()
-
-    def _wait(self, flight: Flight) -> bool:
-        if not flight.watches_other_process:
-            return flight._done.wait(self.timeout_seconds)
+    def _wait_for_other(self, key: str) -> bool:
+        """True once the leader elsewhere let go (or its lease expired), False at the timeout."""
         try:
-            return self._wait_for_other_instance(flight.key)
+            return self._watch_lease(key)
         except StoreError:
             return False  # cannot watch the leader: stop waiting, go upstream
-        finally:
-            self._finish(flight.key)
 
-    def _wait_for_other_instance(self, key: str) -> bool:
-        """True once the leader elsewhere let go (or its lease expired), False at the timeout."""
+    def _watch_lease(self, key: str) -> bool:
         store, lease = self.store, self._lease(key)
         deadline = time.monotonic() + self.timeout_seconds
         pubsub = store.client.pubsub()
