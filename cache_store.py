@@ -1053,7 +1053,6 @@ class SQLiteStore(StoreMaintenance, StoreBrowsing, CacheStore):
         finally:
             self._checkin(db, generation)
 
-
     def delete(self, key: str) -> bool:
         return bool(self._write(
             lambda db: db.execute("DELETE FROM completions WHERE cache_key = ?", (key,)).rowcount

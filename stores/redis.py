@@ -346,7 +346,6 @@ class RedisStore(CacheStore):
             raise StoreError(f"text Redis cannot hold: {exc.reason}") from exc
         return self.run("write", lambda: self._put(args=args)).decode()
 
-
     def near_candidates(self, group: str, limit: int = 16) -> list[tuple[str, bytes]]:
         """Live entries of the group, most recently stored first (expired ones are skipped)."""
         found: list[tuple[str, bytes]] = []
